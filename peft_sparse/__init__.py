@@ -1,0 +1,15 @@
+"""Sparse and sparse-low-rank fine-tuning methods for peft.
+
+``import peft_sparse`` registers the methods, after which ``get_peft_model``,
+``PeftModel.from_pretrained`` and ``AutoPeftModelFor*`` handle them like LoRA.
+"""
+
+from .registration import register_methods
+
+register_methods()
+
+from .tuners.sparse import SparseConfig, SparseModel  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = ["SparseConfig", "SparseModel", "__version__"]

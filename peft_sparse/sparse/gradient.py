@@ -1,0 +1,62 @@
+"""Linear forward through a weight with the sparse delta already merged in, and a sparse gradient for the delta."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from triton_kernels import sampled_dense_dense_matmul
+
+# Called in backward with (left [rows, T], right [T, cols]) whose product is the dense weight gradient.
+GradientObserver = Callable[[torch.Tensor, torch.Tensor], None]
+
+
+@dataclass
+class SparseDeltaBinding:
+    """What backward needs per adapter: the CSR pattern of its indices and an optional statistics observer."""
+
+    crow_indices: torch.Tensor
+    col_indices: torch.Tensor
+    observer: Optional[GradientObserver] = None
+
+
+class MergedSparseDeltaLinear(torch.autograd.Function):
+    """``y = x @ W^T + b`` where W already holds ``W0 + delta``; backward gives ``d values`` by SDDMM.
+
+    ``weight_is_transposed`` is True for transformers' ``Conv1D`` (weight stored [in, out]).
+    The dense weight gradient is never formed, except inside an observer on selection steps.
+    """
+
+    @staticmethod
+    def forward(ctx, inputs, weight, bias, weight_is_transposed, bindings, *values):
+        ctx.weight_is_transposed = weight_is_transposed
+        ctx.bindings = bindings
+        ctx.bias_requires_grad = bias is not None and bias.requires_grad
+        ctx.value_dtypes = [v.dtype for v in values]
+        ctx.save_for_backward(inputs, weight)
+        matrix = weight.t() if weight_is_transposed else weight
+        return F.linear(inputs, matrix, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        inputs, weight = ctx.saved_tensors
+        matrix = weight.t() if ctx.weight_is_transposed else weight  # [out, in]
+        grad_inputs = grad_output @ matrix if ctx.needs_input_grad[0] else None
+        grad_output_2d = grad_output.reshape(-1, grad_output.shape[-1])  # [T, out]
+        grad_bias = grad_output_2d.sum(0) if ctx.bias_requires_grad else None
+        inputs_2d = inputs.reshape(-1, inputs.shape[-1])  # [T, in]
+        # the stored weight's gradient is left @ right: [out, in] for Linear, [in, out] for Conv1D
+        if ctx.weight_is_transposed:
+            left, right = inputs_2d.t(), grad_output_2d
+        else:
+            left, right = grad_output_2d.t(), inputs_2d
+        grad_values = []
+        for binding, dtype in zip(ctx.bindings, ctx.value_dtypes):
+            grad = sampled_dense_dense_matmul(left, right, binding.crow_indices, binding.col_indices)
+            grad_values.append(grad.to(dtype))
+            if binding.observer is not None:
+                binding.observer(left, right)
+        return (grad_inputs, None, grad_bias, None, None, *grad_values)

@@ -1,0 +1,171 @@
+"""Tuner base for methods that train a sparse delta (SFT, LIFT): injection, budgets, selection steps, loading checks."""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+
+from .indices import check_index_set
+from .layer import SUPPORTED_BASE_LAYERS, SparseDeltaLayer, SparseDeltaLinear
+from .optimizer_state import remap_optimizer_state
+from .selection import GrowthStatistics, smallest_magnitude_positions
+
+
+def split_budget(total: int, sizes: dict[str, int]) -> dict[str, int]:
+    """Split ``total`` entries over matrices in proportion to ``sizes`` (largest remainder; sums to ``total``)."""
+    grand_total = sum(sizes.values())
+    exact = {name: total * size / grand_total for name, size in sizes.items()}
+    counts = {name: int(share) for name, share in exact.items()}
+    by_remainder = sorted(sizes, key=lambda name: (counts[name] - exact[name], name))
+    for name in by_remainder[: total - sum(counts.values())]:
+        counts[name] += 1
+    return counts
+
+
+class SparseDeltaTuner(BaseTuner):
+    """Shared machinery; subclasses choose initial indices and growth statistics."""
+
+    tuner_layer_cls = SparseDeltaLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
+        self._budgets: dict[str, dict[str, int]] = {}
+        self._window_statistics: dict[str, dict[str, GrowthStatistics]] = {}
+        super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+
+    # --- hooks for subclasses ----------------------------------------------------------------
+
+    def _initial_indices(self, config, base_layer: nn.Module, count: int, module_name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _growth_statistics(self, config, layer: SparseDeltaLayer, adapter_name: str) -> Optional[GrowthStatistics]:
+        """Statistics for the next selection step, or None if the method never changes its indices."""
+        return None
+
+    # --- injection ---------------------------------------------------------------------------
+
+    def _prepare_adapter_config(self, peft_config, model_config: dict):
+        if peft_config.target_modules is None:
+            peft_config.target_modules = "all-linear"
+        return peft_config
+
+    def _matched_weight_sizes(self, config) -> dict[str, int]:
+        sizes = {}
+        for name, module in self.model.named_modules():
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            if isinstance(base, SUPPORTED_BASE_LAYERS) and self._check_target_module_exists(config, name):
+                sizes[name] = base.weight.numel()
+        return sizes
+
+    def _num_values(self, config, adapter_name: str, module_name: str, num_entries: int) -> int:
+        if config.density is not None:
+            return max(1, round(config.density * num_entries))
+        if adapter_name not in self._budgets:
+            sizes = self._matched_weight_sizes(config)
+            if config.num_tunable_weights > sum(sizes.values()):
+                raise ValueError(
+                    f"num_tunable_weights must be at most the {sum(sizes.values())} entries of the target "
+                    f"modules, got {config.num_tunable_weights}"
+                )
+            self._budgets[adapter_name] = split_budget(config.num_tunable_weights, sizes)
+        return self._budgets[adapter_name][module_name]
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not isinstance(base, SUPPORTED_BASE_LAYERS):
+            raise ValueError(
+                f"target module '{current_key}' is a {type(base).__name__}; {type(config).__name__} supports "
+                f"torch.nn.Linear and transformers Conv1D. Change target_modules to leave it out."
+            )
+        count = self._num_values(config, adapter_name, current_key, base.weight.numel())
+        indices = self._initial_indices(config, base, count, current_key).to(base.weight.device)
+        if isinstance(target, SparseDeltaLinear):
+            target.update_layer(adapter_name, indices)
+            return
+        new_module = SparseDeltaLinear(target, adapter_name, indices)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    # --- selection steps ---------------------------------------------------------------------
+
+    def sparse_delta_layers(self) -> Iterator[tuple[str, SparseDeltaLayer]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, SparseDeltaLayer):
+                yield name, module
+
+    def open_selection_window(self, adapter_name: str) -> None:
+        """Start gathering growth statistics in backward for the next ``reselect``."""
+        config = self.peft_config[adapter_name]
+        window = {}
+        for name, layer in self.sparse_delta_layers():
+            if adapter_name not in layer.sparse_values:
+                continue
+            statistics = self._growth_statistics(config, layer, adapter_name)
+            if statistics is None:
+                continue
+            window[name] = statistics
+            layer.gradient_observers[adapter_name] = statistics.observe
+        self._window_statistics[adapter_name] = window
+
+    def selection_window_open(self, adapter_name: str) -> bool:
+        return adapter_name in self._window_statistics
+
+    def reselect(
+        self, adapter_name: str, reselection_rate: float, optimizer: Optional[torch.optim.Optimizer] = None
+    ) -> dict[str, float]:
+        """Drop ``reselection_rate`` of each layer's entries (smallest ``|values|``) and grow as many.
+
+        The optimizer's per-entry state follows the kept entries; grown entries start at zero.
+        Returns ``{"density": ..., "churn": ...}`` over all layers of the adapter.
+        """
+        window = self._window_statistics.pop(adapter_name, {})
+        total_values = total_entries = total_replaced = 0
+        for name, layer in self.sparse_delta_layers():
+            if adapter_name not in layer.sparse_values:
+                continue
+            layer.gradient_observers.pop(adapter_name, None)
+            values = layer.sparse_values[adapter_name]
+            total_values += values.numel()
+            total_entries += layer.get_base_layer().weight.numel()
+            statistics = window.get(name)
+            count = round(reselection_rate * values.numel())
+            if statistics is None or count == 0:
+                continue
+            grown = statistics.grow(count)
+            dropped = smallest_magnitude_positions(values, grown.numel())
+            source_positions = layer.replace_indices(adapter_name, dropped, grown)
+            if optimizer is not None:
+                remap_optimizer_state(optimizer, values, source_positions)
+            total_replaced += grown.numel()
+        return {
+            "density": total_values / max(total_entries, 1),
+            "churn": total_replaced / max(total_values, 1),
+        }
+
+    # --- loading checks ----------------------------------------------------------------------
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        for name, module in model.named_modules():
+            if not isinstance(module, SparseDeltaLayer) or adapter_name not in module.sparse_values:
+                continue
+            indices_key = f"{name}.sparse_indices.{adapter_name}"
+            values_key = f"{name}.sparse_values.{adapter_name}"
+            if indices_key not in remapped or values_key not in remapped:
+                raise ValueError(f"the adapter checkpoint has no values/indices for layer '{name}'")
+            indices, values = remapped[indices_key], remapped[values_key]
+            expected = module.num_values(adapter_name)
+            if indices.shape != (expected,) or values.shape != (expected,):
+                raise ValueError(
+                    f"layer '{name}': the checkpoint has {tuple(values.shape)} values and "
+                    f"{tuple(indices.shape)} indices, this model's layer expects ({expected},); "
+                    "was the adapter trained on another base model or config?"
+                )
+            check_index_set(indices, module.get_base_layer().weight.numel(), where=f"layer '{name}'")
+            remapped[indices_key] = indices.to(module.sparse_indices[adapter_name].dtype)
+        return remapped

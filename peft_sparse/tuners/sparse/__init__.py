@@ -1,0 +1,4 @@
+from .config import SparseConfig
+from .model import SparseModel
+
+__all__ = ["SparseConfig", "SparseModel"]

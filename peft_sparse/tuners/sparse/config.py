@@ -1,0 +1,126 @@
+"""Configuration of sparse fine-tuning (SFT / SpIEL) with periodic prune/regrow."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft.config import PeftConfig
+from peft.utils.peft_types import PeftType
+
+SELECTIONS = ("ag", "ma", "random")
+RATE_SCHEDULES = ("linear", "cosine", "constant")
+
+
+def check_choice(name: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_fraction(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+
+
+def check_target_modules(name: str, value) -> None:
+    if value is None or isinstance(value, str):
+        return
+    if not isinstance(value, (list, tuple, set)) or not all(isinstance(item, str) for item in value):
+        raise ValueError(f"{name} must be None, a string, or a list of strings, got {value!r}")
+    if not value:
+        raise ValueError(f"{name} must not be empty")
+
+
+@dataclass
+class SparseConfig(PeftConfig):
+    """Sparse fine-tuning: train ``values`` at a learned set of weight ``indices`` with prune/regrow.
+
+    Give either ``density`` (the fraction of every target matrix; default 0.01) or
+    ``num_tunable_weights`` (a global count split over target matrices by size).
+
+    Example:
+        >>> from peft import get_peft_model
+        >>> config = SparseConfig(density=0.01, target_modules="all-linear", selection="ag")
+        >>> model = get_peft_model(base_model, config)  # doctest: +SKIP
+    """
+
+    density: Optional[float] = field(
+        default=None,
+        metadata={"help": "Fraction of each target weight matrix that is trainable, in (0, 1]. Default 0.01."},
+    )
+    num_tunable_weights: Optional[int] = field(
+        default=None,
+        metadata={"help": "Total trainable entries, split over target matrices in proportion to their size."},
+    )
+    selection: str = field(
+        default="ag",
+        metadata={
+            "help": "How entries are regrown: 'ag' (accumulated gradient), 'ma' (momentum approximation: row x "
+            "column squared-gradient statistics) or 'random' (indices fixed at their random initial value)."
+        },
+    )
+    reselection_steps: int = field(default=20, metadata={"help": "Optimizer steps between selection steps."})
+    selection_accumulation_steps: int = field(
+        default=5,
+        metadata={"help": "Optimizer steps before each selection step whose gradients feed the growth statistics."},
+    )
+    initial_reselection_rate: float = field(
+        default=0.2, metadata={"help": "Fraction of entries replaced at the first selection step, in (0, 1]."}
+    )
+    reselection_rate_schedule: str = field(
+        default="linear",
+        metadata={"help": "Decay of the replaced fraction over training: 'linear', 'cosine' or 'constant'."},
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Module names or a regex to adapt; 'all-linear' (the default) takes every linear layer."},
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or a regex to leave out."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules trained in full and saved with the adapter (e.g. a new head)."}
+    )
+    init_seed: int = field(default=42, metadata={"help": "Seed of the random initial indices (per layer)."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.SPARSE
+        self._check_budget()
+        check_choice("selection", self.selection, SELECTIONS)
+        check_positive_int("reselection_steps", self.reselection_steps)
+        check_positive_int("selection_accumulation_steps", self.selection_accumulation_steps)
+        if self.selection_accumulation_steps > self.reselection_steps:
+            raise ValueError(
+                f"selection_accumulation_steps must be at most reselection_steps ({self.reselection_steps}), "
+                f"got {self.selection_accumulation_steps}"
+            )
+        check_fraction("initial_reselection_rate", self.initial_reselection_rate)
+        check_choice("reselection_rate_schedule", self.reselection_rate_schedule, RATE_SCHEDULES)
+        check_target_modules("target_modules", self.target_modules)
+        check_target_modules("exclude_modules", self.exclude_modules)
+        if isinstance(self.init_seed, bool) or not isinstance(self.init_seed, int) or self.init_seed < 0:
+            raise ValueError(f"init_seed must be a non-negative integer, got {self.init_seed!r}")
+
+    def _check_budget(self) -> None:
+        if self.density is not None and self.num_tunable_weights is not None:
+            raise ValueError(
+                f"give either density or num_tunable_weights, not both (got density={self.density}, "
+                f"num_tunable_weights={self.num_tunable_weights})"
+            )
+        if self.num_tunable_weights is None:
+            if self.density is None:
+                self.density = 0.01
+            check_fraction("density", self.density)
+        else:
+            check_positive_int("num_tunable_weights", self.num_tunable_weights)
+
+    @property
+    def updates_indices(self) -> bool:
+        """Whether training changes the indices (prune/regrow) or keeps them fixed."""
+        return self.selection != "random"
