@@ -1,0 +1,51 @@
+"""Tiny models built from configs (no downloads) shared by the tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import peft_sparse  # noqa: F401  (registers the methods)
+
+VOCAB_SIZE = 64
+
+
+def make_tiny_llama(seed: int = 0, intermediate_size: int = 64) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def make_tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=VOCAB_SIZE, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return GPT2LMHeadModel(config).eval()
+
+
+def make_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+
+
+def randomize_values(model: nn.Module, seed: int = 1, scale: float = 0.1) -> None:
+    """Give every sparse delta non-zero values, so outputs differ from the base model."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "sparse_values" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+
+
+@pytest.fixture
+def input_ids() -> torch.Tensor:
+    return torch.randint(0, VOCAB_SIZE, (2, 12), generator=torch.Generator().manual_seed(3))
