@@ -48,12 +48,13 @@ def test_values_gradient_equals_dense_gradient_at_indices(layer_type):
     torch.testing.assert_close(inputs.grad, reference_inputs.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_forward_follows_values_after_optimizer_step():
+@pytest.mark.parametrize("fused", [False, True])  # fused AdamW does not bump tensor versions
+def test_forward_follows_values_after_optimizer_step(fused):
     torch.manual_seed(0)
     base = nn.Linear(16, 8).requires_grad_(False)
     base_weight = base.weight.detach().clone()
     layer = make_layer(base, count=20)
-    optimizer = torch.optim.AdamW([layer.sparse_values["default"]], lr=0.1)
+    optimizer = torch.optim.AdamW([layer.sparse_values["default"]], lr=0.1, fused=fused)
     inputs = torch.randn(4, 16)
     layer(inputs).square().sum().backward()
     optimizer.step()

@@ -4,7 +4,7 @@ The delta lives *merged in place* in the frozen weight (``W = W0 + delta``) so t
 forward pass is a plain linear. The weight entries under each written delta are
 kept, so restoring ``W0`` (unmerge, disable, unload) is bit-exact. Writes are lazy:
 after an optimizer step changes ``values`` (or a selection step changes
-``indices``), the next forward notices the tensor versions moved and re-writes.
+``indices``), the next forward sees they differ from what was written and re-writes.
 """
 
 from __future__ import annotations
@@ -33,9 +33,7 @@ class _WrittenDelta:
 
     indices: torch.Tensor  # copy of the indices written to (the live buffer may change underneath)
     base_values: torch.Tensor  # weight entries at `indices` before the write
-    values: torch.Tensor  # the values tensor that was written
-    values_version: int
-    indices_version: int
+    values: torch.Tensor  # copy of the values written
 
 
 @dataclass
@@ -100,12 +98,12 @@ class SparseDeltaLayer(BaseTunerLayer):
     # --- keeping the written deltas in sync -------------------------------------------------
 
     def _is_fresh(self, adapter_name: str) -> bool:
+        # Compare contents, not tensor versions: fused optimizers (the Trainer's default
+        # adamw_torch_fused) update parameters without bumping their version counter.
+        # Two O(k) reads per layer are negligible next to the layer's matmul.
         written = self._written[adapter_name]
-        values, indices = self.sparse_values[adapter_name], self.sparse_indices[adapter_name]
-        return (
-            written.values is values
-            and written.values_version == values._version
-            and written.indices_version == indices._version
+        return torch.equal(written.values, self.sparse_values[adapter_name].detach()) and torch.equal(
+            written.indices, self.sparse_indices[adapter_name]
         )
 
     @torch.no_grad()
@@ -114,13 +112,7 @@ class SparseDeltaLayer(BaseTunerLayer):
         values, indices = self.sparse_values[adapter_name], self.sparse_indices[adapter_name]
         base_values = weight.view(-1)[indices.long()]
         scatter_assign(weight, indices, base_values, values)
-        self._written[adapter_name] = _WrittenDelta(
-            indices=indices.clone(),
-            base_values=base_values,
-            values=values,
-            values_version=values._version,
-            indices_version=indices._version,
-        )
+        self._written[adapter_name] = _WrittenDelta(indices.clone(), base_values, values.detach().clone())
 
     @torch.no_grad()
     def _restore(self, adapter_name: str) -> None:
