@@ -58,7 +58,7 @@ def test_trainer_loss_falls_and_indices_change(tmp_path, selection):
 
 
 def test_static_random_selection_keeps_indices(tmp_path):
-    model = get_peft_model(make_tiny_llama(), SparseConfig(density=0.05, selection="random", reselection_steps=4))
+    model = get_peft_model(make_tiny_llama(), SparseConfig(density=0.05, selection="random", reselection_steps=4, selection_accumulation_steps=2))
     initial = {n: l.sparse_indices["default"].clone() for n, l in model.base_model.sparse_delta_layers()}
     Trainer(
         model=model, args=training_args(tmp_path, max_steps=8), train_dataset=repeating_sequences(),
