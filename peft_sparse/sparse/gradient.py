@@ -38,13 +38,18 @@ class MergedSparseDeltaLinear(torch.autograd.Function):
         ctx.value_dtypes = [v.dtype for v in values]
         ctx.save_for_backward(inputs, weight)
         matrix = weight.t() if weight_is_transposed else weight
-        return F.linear(inputs, matrix, bias)
+        output = F.linear(inputs, matrix, bias)
+        ctx.compute_dtype = output.dtype  # differs from the weight's under autocast
+        return output
 
     @staticmethod
     def backward(ctx, grad_output):
         inputs, weight = ctx.saved_tensors
         matrix = weight.t() if ctx.weight_is_transposed else weight  # [out, in]
-        grad_inputs = grad_output @ matrix if ctx.needs_input_grad[0] else None
+        grad_inputs = None
+        if ctx.needs_input_grad[0]:
+            compute_dtype = ctx.compute_dtype
+            grad_inputs = (grad_output.to(compute_dtype) @ matrix.to(compute_dtype)).to(inputs.dtype)
         grad_output_2d = grad_output.reshape(-1, grad_output.shape[-1])  # [T, out]
         grad_bias = grad_output_2d.sum(0) if ctx.bias_requires_grad else None
         inputs_2d = inputs.reshape(-1, inputs.shape[-1])  # [T, in]

