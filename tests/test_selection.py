@@ -92,39 +92,38 @@ def test_selection_replaces_expected_count_and_keeps_invariants(selection):
     assert statistics["churn"] == pytest.approx(total_replaced / sum(v.numel() for v in values.values()))
 
 
-def test_accumulated_gradient_growth_matches_brute_force():
-    model = sparse_mlp("ag")
+def select_once(selection: str, rate: float = 0.25):
+    """Run one window + selection; per layer: (indices before, dense gradients per micro-batch, grown indices)."""
+    model = sparse_mlp(selection)
     batches = window_batches()
     reference = dense_gradients(model, batches)
     before = {n: l.sparse_indices["default"].clone() for n, l in layers_of(model).items()}
     run_window(model, batches)
-    model.base_model.reselect("default", 0.25)
+    model.base_model.reselect("default", rate)
+    result = {}
     for name, layer in layers_of(model).items():
-        active, count = before[name], round(0.25 * before[name].numel())
-        first = reference[name][0].abs()
+        after = layer.sparse_indices["default"]
+        result[name] = (before[name], reference[name], set(after[~torch.isin(after, before[name])].tolist()), layer)
+    return result
+
+
+def test_accumulated_gradient_growth_matches_brute_force():
+    for active, gradients, grown, _ in select_once("ag").values():
+        first = gradients[0].abs()
         first[active.long()] = -1
         candidates = first.topk(active.numel()).indices
-        accumulated = torch.stack(reference[name]).sum(0)[candidates]
-        expected = candidates[accumulated.abs().topk(count).indices]
-        grown = layer.sparse_indices["default"][~torch.isin(layer.sparse_indices["default"], active)]
-        assert set(grown.tolist()) == set(expected.tolist())
+        accumulated = torch.stack(gradients).sum(0)[candidates]
+        expected = candidates[accumulated.abs().topk(round(0.25 * active.numel())).indices]
+        assert grown == set(expected.tolist())
 
 
 def test_momentum_approximation_growth_matches_brute_force():
-    model = sparse_mlp("ma")
-    batches = window_batches()
-    reference = dense_gradients(model, batches)
-    before = {n: l.sparse_indices["default"].clone() for n, l in layers_of(model).items()}
-    run_window(model, batches)
-    model.base_model.reselect("default", 0.25)
-    for name, layer in layers_of(model).items():
-        shape = layer.weight_shape
-        squared = sum(g.view(shape).square() for g in reference[name])
+    for active, gradients, grown, layer in select_once("ma").values():
+        squared = sum(g.view(layer.weight_shape).square() for g in gradients)
         score = torch.outer(squared.sum(1), squared.sum(0)).view(-1)
-        score[before[name].long()] = -1
-        expected = score.topk(round(0.25 * before[name].numel())).indices
-        grown = layer.sparse_indices["default"][~torch.isin(layer.sparse_indices["default"], before[name])]
-        assert set(grown.tolist()) == set(expected.tolist())
+        score[active.long()] = -1
+        expected = score.topk(round(0.25 * active.numel())).indices
+        assert grown == set(expected.tolist())
 
 
 def test_forward_after_selection_uses_new_indices_over_restored_base():

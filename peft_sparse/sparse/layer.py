@@ -50,7 +50,7 @@ class SparseDeltaLayer(BaseTunerLayer):
     adapter_layer_names = ("sparse_values",)
     other_param_names = ("sparse_indices",)
 
-    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+    def __init__(self, base_layer: nn.Module) -> None:
         self.base_layer = base_layer
         self.sparse_values = nn.ParameterDict({})
         self.sparse_indices = BufferDict({}, persistent=True)
@@ -59,7 +59,6 @@ class SparseDeltaLayer(BaseTunerLayer):
         self._written: dict[str, _WrittenDelta] = {}
         self._patterns: dict[str, _CachedPattern] = {}
         self.gradient_observers: dict[str, GradientObserver] = {}
-        self.kwargs = kwargs
 
         base = self.get_base_layer()
         if not isinstance(base, SUPPORTED_BASE_LAYERS):
@@ -230,9 +229,9 @@ class SparseDeltaLinear(nn.Module, SparseDeltaLayer):
         torch.Size([2, 4])
     """
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, indices: torch.Tensor, **kwargs) -> None:
+    def __init__(self, base_layer: nn.Module, adapter_name: str, indices: torch.Tensor) -> None:
         super().__init__()
-        SparseDeltaLayer.__init__(self, base_layer, **kwargs)
+        SparseDeltaLayer.__init__(self, base_layer)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, indices)
 
