@@ -66,3 +66,20 @@ def test_static_random_selection_keeps_indices(tmp_path):
     ).train()
     for name, layer in model.base_model.sparse_delta_layers():
         assert torch.equal(layer.sparse_indices["default"], initial[name])
+
+
+def test_gradient_checkpointing_and_accumulation_train_the_same_adapter(tmp_path):
+    adapters = []
+    for checkpointing in (False, True):
+        model = get_peft_model(make_tiny_llama(), SparseConfig(density=0.1, reselection_steps=4,
+                                                                selection_accumulation_steps=2))
+        args = training_args(tmp_path, max_steps=8, gradient_checkpointing=checkpointing,
+                             gradient_accumulation_steps=2, per_device_train_batch_size=4)
+        Trainer(model=model, args=args, train_dataset=repeating_sequences(),
+                callbacks=[SparseUpdateCallback()]).train()
+        adapters.append({n: (l.sparse_indices["default"].clone(), l.sparse_values["default"].detach().clone())
+                         for n, l in model.base_model.sparse_delta_layers()})
+    plain, checkpointed = adapters
+    for name, (indices, values) in plain.items():
+        assert torch.equal(checkpointed[name][0], indices)
+        torch.testing.assert_close(checkpointed[name][1], values, rtol=1e-4, atol=1e-6)
