@@ -142,7 +142,7 @@ def test_index_set_errors():
         check_index_set(torch.tensor([3, 3]), 10, where="x")
 
 
-def test_training_touches_only_sparse_values(input_ids):
+def test_training_touches_only_sparse_values():
     model = get_peft_model(make_mlp(), SparseConfig(density=0.2, target_modules=["0", "2"]))
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("sparse_values" in name for name in trainable)

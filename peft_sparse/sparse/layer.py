@@ -137,8 +137,8 @@ class SparseDeltaLayer(BaseTunerLayer):
         indices = self.sparse_indices[adapter_name]
         cached = self._patterns.get(adapter_name)
         if cached is None or cached.indices is not indices or cached.indices_version != indices._version:
-            rows_cols = self.weight_shape
-            crow, col = csr_pattern(indices, rows_cols)
+            # indices change only through in-place copies (selection, load_state_dict), which bump the version
+            crow, col = csr_pattern(indices, self.weight_shape)
             cached = _CachedPattern(indices, indices._version, crow, col)
             self._patterns[adapter_name] = cached
         return cached
