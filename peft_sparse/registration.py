@@ -8,13 +8,18 @@ members (so ``isinstance``/``.value``/``PeftType("SPARSE")`` work), then
 
 from __future__ import annotations
 
+import importlib
+
 from aenum import extend_enum
 from peft.utils import register_peft_method
 from peft.utils.peft_types import PeftType
 
-PEFT_TYPE_NAMES = ("SPARSE",)
+# One row per method: (PeftType name, tuner package, config class, model class).
+METHODS: tuple[tuple[str, str, str, str], ...] = (
+    ("SPARSE", "peft_sparse.tuners.sparse", "SparseConfig", "SparseModel"),
+)
 
-for _name in PEFT_TYPE_NAMES:
+for _name, *_ in METHODS:
     if _name not in PeftType.__members__:
         extend_enum(PeftType, _name, _name)
 
@@ -23,9 +28,11 @@ def register_methods() -> None:
     """Register every peft_sparse method with peft (idempotent)."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-    from .tuners.sparse import SparseConfig, SparseModel
-
-    for name, config_cls, model_cls in (("sparse", SparseConfig, SparseModel),):
-        if PeftType[name.upper()] in PEFT_TYPE_TO_CONFIG_MAPPING:
+    for name, package, config_name, model_name in METHODS:
+        if PeftType[name] in PEFT_TYPE_TO_CONFIG_MAPPING:
             continue
-        register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls, prefix=model_cls.prefix)
+        tuner = importlib.import_module(package)
+        model_cls = getattr(tuner, model_name)
+        register_peft_method(
+            name=name.lower(), config_cls=getattr(tuner, config_name), model_cls=model_cls, prefix=model_cls.prefix
+        )
