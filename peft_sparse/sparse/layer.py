@@ -52,8 +52,9 @@ class SparseDeltaLayer(BaseTunerLayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         self.base_layer = base_layer
-        self.sparse_values = nn.ParameterDict({})
-        self.sparse_indices = BufferDict({}, persistent=True)
+        # attribute names come from the class, so each method has its own state-dict prefix
+        setattr(self, self.adapter_layer_names[0], nn.ParameterDict({}))
+        setattr(self, self.other_param_names[0], BufferDict({}, persistent=True))
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._written: dict[str, _WrittenDelta] = {}
@@ -70,6 +71,16 @@ class SparseDeltaLayer(BaseTunerLayer):
             raise ValueError(f"sparse-delta layers need a contiguous base weight, got strides {base.weight.stride()}")
 
     @property
+    def delta_values(self) -> nn.ParameterDict:
+        """Trainable values [k] per adapter."""
+        return getattr(self, self.adapter_layer_names[0])
+
+    @property
+    def delta_indices(self) -> BufferDict:
+        """Sorted flat indices [k] into the base weight per adapter."""
+        return getattr(self, self.other_param_names[0])
+
+    @property
     def weight_shape(self) -> tuple[int, int]:
         """Shape of the base weight as stored ([out, in] for Linear, [in, out] for Conv1D)."""
         return tuple(self.get_base_layer().weight.shape)
@@ -79,19 +90,19 @@ class SparseDeltaLayer(BaseTunerLayer):
         weight = self.get_base_layer().weight
         check_index_set(indices, weight.numel(), where=f"adapter '{adapter_name}'")
         values_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        self.sparse_values[adapter_name] = nn.Parameter(torch.zeros(indices.numel(), dtype=values_dtype))
-        self.sparse_indices[adapter_name] = indices.clone()
+        self.delta_values[adapter_name] = nn.Parameter(torch.zeros(indices.numel(), dtype=values_dtype))
+        self.delta_indices[adapter_name] = indices.clone()
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def num_values(self, adapter_name: str) -> int:
-        return self.sparse_values[adapter_name].numel()
+        return self.delta_values[adapter_name].numel()
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The dense delta of one adapter, shaped like the base weight."""
         weight = self.get_base_layer().weight
         delta = torch.zeros(weight.numel(), dtype=torch.float32, device=weight.device)
-        delta[self.sparse_indices[adapter_name].long()] = self.sparse_values[adapter_name].detach().float()
+        delta[self.delta_indices[adapter_name].long()] = self.delta_values[adapter_name].detach().float()
         return delta.view_as(weight).to(weight.dtype)
 
     # --- keeping the written deltas in sync -------------------------------------------------
@@ -101,14 +112,14 @@ class SparseDeltaLayer(BaseTunerLayer):
         # adamw_torch_fused) update parameters without bumping their version counter.
         # Two O(k) reads per layer are negligible next to the layer's matmul.
         written = self._written[adapter_name]
-        return torch.equal(written.values, self.sparse_values[adapter_name].detach()) and torch.equal(
-            written.indices, self.sparse_indices[adapter_name]
+        return torch.equal(written.values, self.delta_values[adapter_name].detach()) and torch.equal(
+            written.indices, self.delta_indices[adapter_name]
         )
 
     @torch.no_grad()
     def _write(self, adapter_name: str) -> None:
         weight = self.get_base_layer().weight
-        values, indices = self.sparse_values[adapter_name], self.sparse_indices[adapter_name]
+        values, indices = self.delta_values[adapter_name], self.delta_indices[adapter_name]
         base_values = weight.view(-1)[indices.long()]
         scatter_assign(weight, indices, base_values, values)
         self._written[adapter_name] = _WrittenDelta(indices.clone(), base_values, values.detach().clone())
@@ -134,7 +145,7 @@ class SparseDeltaLayer(BaseTunerLayer):
                 self._write(adapter_name)
 
     def _pattern(self, adapter_name: str) -> _CachedPattern:
-        indices = self.sparse_indices[adapter_name]
+        indices = self.delta_indices[adapter_name]
         cached = self._patterns.get(adapter_name)
         if cached is None or cached.indices is not indices or cached.indices_version != indices._version:
             # indices change only through in-place copies (selection, load_state_dict), which bump the version
@@ -148,12 +159,12 @@ class SparseDeltaLayer(BaseTunerLayer):
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Merge adapters into the base weight (``safe_merge`` checks the values for NaN/Inf first)."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
-        adapter_names = [name for name in adapter_names if name in self.sparse_values]
+        adapter_names = [name for name in adapter_names if name in self.delta_values]
         if not adapter_names:
             return
         if safe_merge:
             for name in adapter_names:
-                if not torch.isfinite(self.sparse_values[name]).all():
+                if not torch.isfinite(self.delta_values[name]).all():
                     raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
         self._sync_written(self.merged_adapters + adapter_names)
         self.merged_adapters.extend(adapter_names)
@@ -199,7 +210,7 @@ class SparseDeltaLayer(BaseTunerLayer):
         ``k`` stays the same and indices stay sorted; kept entries keep their values.
         Returns ``source_positions`` [k]: for each new slot, its old slot, or -1 if grown.
         """
-        values, indices = self.sparse_values[adapter_name], self.sparse_indices[adapter_name]
+        values, indices = self.delta_values[adapter_name], self.delta_indices[adapter_name]
         if drop_positions.numel() != grown_indices.numel():
             raise ValueError(
                 f"must drop as many slots as it grows, got {drop_positions.numel()} and {grown_indices.numel()}"
@@ -243,9 +254,9 @@ class SparseDeltaLinear(nn.Module, SparseDeltaLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
-        active = [name for name in self.active_adapters if name in self.sparse_values]
+        active = [name for name in self.active_adapters if name in self.delta_values]
         self._sync_written(active)
-        trainable = [name for name in active if self.sparse_values[name].requires_grad]
+        trainable = [name for name in active if self.delta_values[name].requires_grad]
         if not trainable or not torch.is_grad_enabled():
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
@@ -256,7 +267,7 @@ class SparseDeltaLinear(nn.Module, SparseDeltaLayer):
                 SparseDeltaBinding(pattern.crow_indices, pattern.col_indices, self.gradient_observers.get(name))
             )
         return MergedSparseDeltaLinear.apply(
-            x, base.weight, base.bias, self.weight_is_transposed, bindings, *(self.sparse_values[n] for n in trainable)
+            x, base.weight, base.bias, self.weight_is_transposed, bindings, *(self.delta_values[n] for n in trainable)
         )
 
     def __repr__(self) -> str:

@@ -29,6 +29,7 @@ class SparseDeltaTuner(BaseTuner):
     """Shared machinery; subclasses choose initial indices and growth statistics."""
 
     tuner_layer_cls = SparseDeltaLayer
+    delta_layer_cls: type[SparseDeltaLinear] = SparseDeltaLinear
     target_module_mapping: dict[str, list[str]] = {}
 
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
@@ -82,10 +83,10 @@ class SparseDeltaTuner(BaseTuner):
             )
         count = self._num_values(config, adapter_name, current_key, base.weight.numel())
         indices = self._initial_indices(config, base, count, current_key).to(base.weight.device)
-        if isinstance(target, SparseDeltaLinear):
+        if isinstance(target, self.delta_layer_cls):
             target.update_layer(adapter_name, indices)
             return
-        new_module = SparseDeltaLinear(target, adapter_name, indices)
+        new_module = self.delta_layer_cls(target, adapter_name, indices)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -102,7 +103,7 @@ class SparseDeltaTuner(BaseTuner):
         config = self.peft_config[adapter_name]
         window = {}
         for name, layer in self.sparse_delta_layers():
-            if adapter_name not in layer.sparse_values:
+            if adapter_name not in layer.delta_values:
                 continue
             statistics = self._growth_statistics(config, layer, adapter_name)
             if statistics is None:
@@ -125,10 +126,10 @@ class SparseDeltaTuner(BaseTuner):
         window = self._window_statistics.pop(adapter_name, {})
         total_values = total_entries = total_replaced = 0
         for name, layer in self.sparse_delta_layers():
-            if adapter_name not in layer.sparse_values:
+            if adapter_name not in layer.delta_values:
                 continue
             layer.gradient_observers.pop(adapter_name, None)
-            values = layer.sparse_values[adapter_name]
+            values = layer.delta_values[adapter_name]
             total_values += values.numel()
             total_entries += layer.get_base_layer().weight.numel()
             statistics = window.get(name)
@@ -152,10 +153,10 @@ class SparseDeltaTuner(BaseTuner):
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         for name, module in model.named_modules():
-            if not isinstance(module, SparseDeltaLayer) or adapter_name not in module.sparse_values:
+            if not isinstance(module, SparseDeltaLayer) or adapter_name not in module.delta_values:
                 continue
-            indices_key = f"{name}.sparse_indices.{adapter_name}"
-            values_key = f"{name}.sparse_values.{adapter_name}"
+            indices_key = f"{name}.{module.other_param_names[0]}.{adapter_name}"
+            values_key = f"{name}.{module.adapter_layer_names[0]}.{adapter_name}"
             if indices_key not in remapped or values_key not in remapped:
                 raise ValueError(f"the adapter checkpoint has no values/indices for layer '{name}'")
             indices, values = remapped[indices_key], remapped[values_key]
@@ -167,5 +168,5 @@ class SparseDeltaTuner(BaseTuner):
                     "was the adapter trained on another base model or config?"
                 )
             check_index_set(indices, module.get_base_layer().weight.numel(), where=f"layer '{name}'")
-            remapped[indices_key] = indices.to(module.sparse_indices[adapter_name].dtype)
+            remapped[indices_key] = indices.to(module.delta_indices[adapter_name].dtype)
         return remapped

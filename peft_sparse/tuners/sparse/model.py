@@ -32,7 +32,7 @@ class SparseModel(SparseDeltaTuner):
     def _growth_statistics(
         self, config: SparseConfig, layer: SparseDeltaLayer, adapter_name: str
     ) -> Optional[GrowthStatistics]:
-        indices = layer.sparse_indices[adapter_name]
+        indices = layer.delta_indices[adapter_name]
         if config.selection == "ag":
             return AccumulatedGradientGrowth(indices, layer.weight_shape, num_candidates=indices.numel())
         if config.selection == "ma":
