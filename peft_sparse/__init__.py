@@ -8,8 +8,9 @@ from .registration import register_methods
 
 register_methods()
 
+from .tuners.lift import LiftConfig, LiftModel  # noqa: E402
 from .tuners.sparse import SparseConfig, SparseModel  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["SparseConfig", "SparseModel", "__version__"]
+__all__ = ["LiftConfig", "LiftModel", "SparseConfig", "SparseModel", "__version__"]

@@ -17,6 +17,7 @@ from peft.utils.peft_types import PeftType
 # One row per method: (PeftType name, tuner package, config class, model class).
 METHODS: tuple[tuple[str, str, str, str], ...] = (
     ("SPARSE", "peft_sparse.tuners.sparse", "SparseConfig", "SparseModel"),
+    ("LIFT", "peft_sparse.tuners.lift", "LiftConfig", "LiftModel"),
 )
 
 for _name, *_ in METHODS:

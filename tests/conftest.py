@@ -7,7 +7,8 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-import peft_sparse  # noqa: F401  (registers the methods)
+from peft_sparse import LiftConfig, SparseConfig  # importing peft_sparse registers the methods
+from peft_sparse.sparse import SparseDeltaLayer
 
 VOCAB_SIZE = 64
 
@@ -41,9 +42,17 @@ def randomize_values(model: nn.Module, seed: int = 1, scale: float = 0.1) -> Non
     """Give every sparse delta non-zero values, so outputs differ from the base model."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "sparse_values" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+        for module in model.modules():
+            if isinstance(module, SparseDeltaLayer):
+                for parameter in module.delta_values.values():
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+
+
+# One factory per sparse-delta method, for tests that every such method must pass.
+SPARSE_DELTA_CONFIGS = {
+    "sparse": lambda **kwargs: SparseConfig(density=0.1, **kwargs),
+    "lift": lambda **kwargs: LiftConfig(density=0.1, rank=4, **kwargs),
+}
 
 
 @pytest.fixture

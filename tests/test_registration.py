@@ -4,6 +4,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from peft import PeftType, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
@@ -12,7 +13,7 @@ from transformers import LlamaForCausalLM
 
 import peft_sparse
 from peft_sparse import SparseConfig, SparseModel
-from tests.conftest import make_tiny_llama, randomize_values
+from tests.conftest import SPARSE_DELTA_CONFIGS, make_tiny_llama, randomize_values
 
 CHILD = textwrap.dedent(
     """
@@ -21,11 +22,11 @@ CHILD = textwrap.dedent(
     from peft import AutoPeftModelForCausalLM, PeftConfig, PeftType
     from peft_sparse.sparse import SparseDeltaLayer
 
-    adapter_dir, input_ids_path = sys.argv[1], sys.argv[2]
+    adapter_dir, input_ids_path, config_name, peft_type = sys.argv[1:5]
     expected = torch.load(input_ids_path)
     config = PeftConfig.from_pretrained(adapter_dir)
-    assert type(config).__name__ == "SparseConfig", type(config)
-    assert config.peft_type is PeftType.SPARSE and config.peft_type.value == "SPARSE"
+    assert type(config).__name__ == config_name, type(config)
+    assert config.peft_type is PeftType[peft_type] and config.peft_type.value == peft_type
     model = AutoPeftModelForCausalLM.from_pretrained(adapter_dir).eval()
     with torch.no_grad():
         logits = model(input_ids=expected["input_ids"]).logits
@@ -40,10 +41,12 @@ CHILD = textwrap.dedent(
 )
 
 
-def test_saved_adapter_loads_in_fresh_interpreter(tmp_path, input_ids):
+@pytest.mark.parametrize("method", sorted(SPARSE_DELTA_CONFIGS))
+def test_saved_adapter_loads_in_fresh_interpreter(tmp_path, input_ids, method):
     make_tiny_llama().save_pretrained(tmp_path / "base")
     base = LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()  # records base_model_name_or_path
-    model = get_peft_model(base, SparseConfig(density=0.1, task_type="CAUSAL_LM"))
+    config = SPARSE_DELTA_CONFIGS[method](task_type="CAUSAL_LM")
+    model = get_peft_model(base, config)
     randomize_values(model)
     with torch.no_grad():
         logits = model(input_ids=input_ids).logits
@@ -51,13 +54,14 @@ def test_saved_adapter_loads_in_fresh_interpreter(tmp_path, input_ids):
     torch.save({"input_ids": input_ids, "logits": logits}, tmp_path / "expected.pt")
 
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert saved["peft_type"] == "SPARSE"
+    assert saved["peft_type"] == config.peft_type.value == method.upper()
     with safe_open(tmp_path / "adapter" / "adapter_model.safetensors", "pt") as handle:
         keys = list(handle.keys())
-    assert keys and all(key.endswith(("sparse_values", "sparse_indices")) for key in keys)
+    assert keys and all(key.endswith((f"{method}_values", f"{method}_indices")) for key in keys)
 
+    child_args = [str(tmp_path / "adapter"), str(tmp_path / "expected.pt"), type(config).__name__, method.upper()]
     result = subprocess.run(
-        [sys.executable, "-c", CHILD, str(tmp_path / "adapter"), str(tmp_path / "expected.pt")],
+        [sys.executable, "-c", CHILD, *child_args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -71,6 +75,9 @@ def test_registering_twice_is_harmless():
     peft_sparse.registration.register_methods()
     peft_sparse.registration.register_methods()
     assert PeftType("SPARSE") is PeftType.SPARSE
-    assert list(PeftType).count(PeftType.SPARSE) == 1
     assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.SPARSE] is SparseConfig
     assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.SPARSE] is SparseModel
+    for name, _, config_name, model_name in peft_sparse.registration.METHODS:
+        assert list(PeftType).count(PeftType[name]) == 1
+        assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType[name]] is getattr(peft_sparse, config_name)
+        assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType[name]] is getattr(peft_sparse, model_name)

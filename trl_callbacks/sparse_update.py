@@ -1,4 +1,4 @@
-"""TrainerCallback that runs the prune/regrow schedule of sparse-delta adapters (SparseConfig)."""
+"""TrainerCallback that runs the selection schedule of sparse-delta adapters (SparseConfig prune/regrow, LiftConfig mask refresh)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ def sparse_delta_tuners(model: nn.Module) -> Iterator[SparseDeltaTuner]:
 class SparseUpdateCallback(TrainerCallback):
     """Drives selection steps: opens the statistics window ``selection_accumulation_steps`` before
     every ``reselection_steps``-th optimizer step, then drops/grows entries and remaps the optimizer state.
+    For LIFT adapters with ``mask_update_interval`` it recomputes the principal-weight mask at those steps.
 
     Density and churn (fraction of entries replaced) go into the next Trainer log as
     ``sparse/density`` and ``sparse/churn`` (``sparse/<adapter>/...`` for other adapters than "default").
@@ -41,6 +42,8 @@ class SparseUpdateCallback(TrainerCallback):
                     yield tuner, adapter_name, config
 
     def _maybe_open_window(self, tuner, adapter_name, config, step: int, max_steps: int) -> None:
+        if config.selection_accumulation_steps == 0:  # selection from the weights alone (LIFT refresh)
+            return
         window_end = step + config.selection_accumulation_steps
         if window_end % config.reselection_steps == 0 and window_end <= max_steps:
             tuner.open_selection_window(adapter_name)
@@ -52,13 +55,18 @@ class SparseUpdateCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         step = state.global_step
         for tuner, adapter_name, config in self._dynamic_adapters(model):
-            if step % config.reselection_steps == 0 and tuner.selection_window_open(adapter_name):
-                rate = reselection_rate(
-                    config.initial_reselection_rate, config.reselection_rate_schedule, step, state.max_steps
-                )
-                statistics = tuner.reselect(adapter_name, rate, optimizer)
-                prefix = "sparse" if adapter_name == "default" else f"sparse/{adapter_name}"
-                self._pending_logs.update({f"{prefix}/{key}": value for key, value in statistics.items()})
+            if step % config.reselection_steps == 0:
+                statistics = None
+                if config.selection_accumulation_steps == 0:
+                    statistics = tuner.reselect(adapter_name, 1.0, optimizer)
+                elif tuner.selection_window_open(adapter_name):
+                    rate = reselection_rate(
+                        config.initial_reselection_rate, config.reselection_rate_schedule, step, state.max_steps
+                    )
+                    statistics = tuner.reselect(adapter_name, rate, optimizer)
+                if statistics is not None:
+                    prefix = "sparse" if adapter_name == "default" else f"sparse/{adapter_name}"
+                    self._pending_logs.update({f"{prefix}/{key}": value for key, value in statistics.items()})
             self._maybe_open_window(tuner, adapter_name, config, step, state.max_steps)
 
     def on_log(self, args, state, control, logs=None, **kwargs):

@@ -105,6 +105,16 @@ class SparseDeltaLayer(BaseTunerLayer):
         delta[self.delta_indices[adapter_name].long()] = self.delta_values[adapter_name].detach().float()
         return delta.view_as(weight).to(weight.dtype)
 
+    @torch.no_grad()
+    def effective_weight(self, adapter_name: str) -> torch.Tensor:
+        """``W0 + delta`` of one adapter with its current values, as a new fp32 tensor shaped like the weight."""
+        weight = self.get_base_layer().weight.detach().float().clone().view(-1)
+        for written in reversed(self._written.values()):  # last-in first-out, as in _sync_written
+            weight[written.indices.long()] = written.base_values.float()
+        indices = self.delta_indices[adapter_name].long()
+        weight[indices] += self.delta_values[adapter_name].detach().float()
+        return weight.view(self.weight_shape)
+
     # --- keeping the written deltas in sync -------------------------------------------------
 
     def _is_fresh(self, adapter_name: str) -> bool:

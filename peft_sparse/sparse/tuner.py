@@ -115,14 +115,35 @@ class SparseDeltaTuner(BaseTuner):
     def selection_window_open(self, adapter_name: str) -> bool:
         return adapter_name in self._window_statistics
 
+    def _replacement(
+        self,
+        config,
+        name: str,
+        layer: SparseDeltaLayer,
+        adapter_name: str,
+        reselection_rate: float,
+        statistics: Optional[GrowthStatistics],
+    ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """``(drop_positions, grown_indices)`` for one layer at a selection step, or None to keep it.
+
+        Default (prune/regrow): drop the smallest ``|values|``, grow by the window's statistics.
+        """
+        values = layer.delta_values[adapter_name]
+        count = round(reselection_rate * values.numel())
+        if statistics is None or count == 0:
+            return None
+        grown = statistics.grow(count)
+        return smallest_magnitude_positions(values, grown.numel()), grown
+
     def reselect(
         self, adapter_name: str, reselection_rate: float, optimizer: Optional[torch.optim.Optimizer] = None
     ) -> dict[str, float]:
-        """Drop ``reselection_rate`` of each layer's entries (smallest ``|values|``) and grow as many.
+        """Replace up to ``reselection_rate`` of each layer's entries (which ones: ``_replacement``).
 
         The optimizer's per-entry state follows the kept entries; grown entries start at zero.
         Returns ``{"density": ..., "churn": ...}`` over all layers of the adapter.
         """
+        config = self.peft_config[adapter_name]
         window = self._window_statistics.pop(adapter_name, {})
         total_values = total_entries = total_replaced = 0
         for name, layer in self.sparse_delta_layers():
@@ -132,12 +153,10 @@ class SparseDeltaTuner(BaseTuner):
             values = layer.delta_values[adapter_name]
             total_values += values.numel()
             total_entries += layer.get_base_layer().weight.numel()
-            statistics = window.get(name)
-            count = round(reselection_rate * values.numel())
-            if statistics is None or count == 0:
+            replacement = self._replacement(config, name, layer, adapter_name, reselection_rate, window.get(name))
+            if replacement is None:
                 continue
-            grown = statistics.grow(count)
-            dropped = smallest_magnitude_positions(values, grown.numel())
+            dropped, grown = replacement
             source_positions = layer.replace_indices(adapter_name, dropped, grown)
             if optimizer is not None:
                 remap_optimizer_state(optimizer, values, source_positions)
