@@ -18,6 +18,7 @@ from peft.utils.peft_types import PeftType
 METHODS: tuple[tuple[str, str, str, str], ...] = (
     ("SPARSE", "peft_sparse.tuners.sparse", "SparseConfig", "SparseModel"),
     ("LIFT", "peft_sparse.tuners.lift", "LiftConfig", "LiftModel"),
+    ("SORA", "peft_sparse.tuners.sora", "SoraConfig", "SoraModel"),
 )
 
 for _name, *_ in METHODS:

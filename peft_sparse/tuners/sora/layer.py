@@ -1,0 +1,137 @@
+"""The SoRA layer: a frozen linear layer plus a gated low-rank delta ``s * B diag(g) A``."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ...sparse.layer import SUPPORTED_BASE_LAYERS
+
+
+class SoraLayer(BaseTunerLayer):
+    """Adapter state of one target layer, keyed by adapter name.
+
+    Per adapter: ``sora_A`` [r, in] (Kaiming uniform), ``sora_B`` [out, r] (zeros),
+    ``sora_gate`` [r] (ones, or standard normal for parity with the reference), and the
+    scale ``alpha / r``. A rank whose gate is exactly zero contributes nothing and is
+    dropped by ``export_sora_to_lora``.
+    """
+
+    adapter_layer_names = ("sora_A", "sora_B", "sora_gate")
+    other_param_names = ("r", "alpha", "scaling", "sora_dropout")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.sora_A = nn.ParameterDict({})
+        self.sora_B = nn.ParameterDict({})
+        self.sora_gate = nn.ParameterDict({})
+        self.sora_dropout = nn.ModuleDict({})
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+
+        base = self.get_base_layer()
+        if not isinstance(base, SUPPORTED_BASE_LAYERS):
+            raise ValueError(f"SoRA layers support torch.nn.Linear and transformers Conv1D, got {type(base).__name__}")
+        self.weight_is_transposed = isinstance(base, Conv1D)  # Conv1D stores its weight as [in, out]
+        out_features, in_features = base.weight.shape[::-1] if self.weight_is_transposed else base.weight.shape
+        self.in_features, self.out_features = in_features, out_features
+
+    def update_layer(
+        self, adapter_name: str, r: int, alpha: float, dropout: float, gate_init: str, inference_mode: bool = False
+    ) -> None:
+        """Add adapter ``adapter_name`` of rank ``r``; it starts as a zero delta (``B = 0``)."""
+        self.r[adapter_name] = r
+        self.alpha[adapter_name] = alpha
+        self.scaling[adapter_name] = alpha / r
+        self.sora_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        weight_a = torch.empty(r, self.in_features)
+        nn.init.kaiming_uniform_(weight_a, a=math.sqrt(5))  # as peft's LoRA A
+        self.sora_A[adapter_name] = nn.Parameter(weight_a)
+        self.sora_B[adapter_name] = nn.Parameter(torch.zeros(self.out_features, r))
+        self.sora_gate[adapter_name] = nn.Parameter(torch.ones(r) if gate_init == "ones" else torch.randn(r))
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def live_rank(self, adapter_name: str) -> int:
+        """Number of ranks whose gate is not exactly zero."""
+        return int(torch.count_nonzero(self.sora_gate[adapter_name]))
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``s * B diag(g) A`` shaped like the base weight ([out, in], or [in, out] for Conv1D)."""
+        gated_b = self.sora_B[adapter_name] * self.sora_gate[adapter_name]  # [out, r]
+        delta = (gated_b @ self.sora_A[adapter_name]) * self.scaling[adapter_name]  # [out, in]
+        weight = self.get_base_layer().weight
+        return (delta.T if self.weight_is_transposed else delta).to(weight.dtype)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Add the deltas to the base weight (``safe_merge``: on a copy, raising on NaN/Inf)."""
+        adapter_names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.sora_A]
+        weight = self.get_base_layer().weight
+        for adapter_name in adapter_names:
+            with torch.no_grad():
+                delta = self.get_delta_weight(adapter_name)
+                if safe_merge:
+                    merged = weight.data + delta
+                    if not torch.isfinite(merged).all():
+                        raise ValueError(
+                            f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken"
+                        )
+                    weight.data = merged
+                else:
+                    weight.data += delta
+            self.merged_adapters.append(adapter_name)
+
+    def unmerge(self) -> None:
+        """Subtract the merged deltas again (last merged first)."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        weight = self.get_base_layer().weight
+        while self.merged_adapters:
+            adapter_name = self.merged_adapters.pop()
+            with torch.no_grad():
+                weight.data -= self.get_delta_weight(adapter_name)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return True
+
+
+class SoraLinear(nn.Module, SoraLayer):
+    """SoRA around an ``nn.Linear`` or transformers ``Conv1D``: ``y = base(x) + s * B (g * (A x))``."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs) -> None:
+        super().__init__()
+        SoraLayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, **kwargs)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        result_dtype = result.dtype
+        for adapter_name in self.active_adapters:
+            if adapter_name not in self.sora_A:
+                continue
+            weight_a = self.sora_A[adapter_name]
+            hidden = F.linear(self.sora_dropout[adapter_name](self._cast_input_dtype(x, weight_a.dtype)), weight_a)
+            hidden = hidden * self.sora_gate[adapter_name]  # [..., r]
+            result = result + F.linear(hidden, self.sora_B[adapter_name]) * self.scaling[adapter_name]
+        return result.to(result_dtype)
+
+    def __repr__(self) -> str:
+        return "sora." + super().__repr__()
