@@ -1,0 +1,187 @@
+"""The SNELL adapter layer: ``y = base(x) + dropout(x) @ E^T``, ``E`` a thresholded kernel of two factors.
+
+No mask or indices are stored: each forward finds the threshold of ``|K|`` (see ``threshold.py``)
+and applies ``E`` through :func:`triton_kernels.snell_matmul`, which keeps neither ``K`` nor ``E``
+for backward. Merging adds ``E`` to the base weight once, so a merged model has no extra cost.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from triton_kernels.snell_matmul import KernelSpec, kernel_matrix, snell_matmul, sparse_delta
+
+from ...sparse.layer import SUPPORTED_BASE_LAYERS
+from .config import SnellConfig
+from .threshold import keep_threshold
+
+
+def kept_count(num_entries: int, sparsity: float) -> int:
+    """Entries a matrix with ``num_entries`` entries keeps at ``sparsity`` (fraction zeroed)."""
+    return num_entries - round(sparsity * num_entries)
+
+
+class SnellLayer(BaseTunerLayer):
+    """Adapter state of SNELL on one weight matrix, keyed by adapter name.
+
+    ``snell_input_factors[name]`` [H, in, r / H] and ``snell_output_factors[name]`` [H, out, r / H]
+    are trained; ``snell_num_kept[name]`` (saved with the adapter) is how many entries of ``E`` are
+    non-zero, which SNELLA changes during training.
+    """
+
+    adapter_layer_names = ("snell_input_factors", "snell_output_factors")
+    other_param_names = ("snell_num_kept", "snell_dropout", "kernel_spec", "threshold_sample_size")
+
+    def __init__(self, base_layer: nn.Module, sample_seed: int = 0) -> None:
+        self.base_layer = base_layer
+        self.snell_input_factors = nn.ParameterDict({})
+        self.snell_output_factors = nn.ParameterDict({})
+        self.snell_num_kept = BufferDict({}, persistent=True)
+        self.snell_dropout = nn.ModuleDict({})
+        self.kernel_spec: dict[str, KernelSpec] = {}
+        self.threshold_sample_size: dict[str, Optional[int]] = {}
+        self.sample_seed = sample_seed
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        base = self.get_base_layer()
+        if not isinstance(base, SUPPORTED_BASE_LAYERS):
+            raise ValueError(f"SNELL supports torch.nn.Linear and transformers Conv1D, got {type(base).__name__}")
+        self.weight_is_transposed = isinstance(base, Conv1D)
+        rows, cols = base.weight.shape
+        self.out_features, self.in_features = (cols, rows) if self.weight_is_transposed else (rows, cols)
+
+    @property
+    def num_entries(self) -> int:
+        return self.out_features * self.in_features
+
+    def update_layer(self, adapter_name: str, config: SnellConfig, inference_mode: bool = False) -> None:
+        """Add adapter ``adapter_name``: factors initialised as ``config.init_weights`` says."""
+        groups, width = config.kernel_groups, config.r // config.kernel_groups
+        input_factors = torch.empty(groups, self.in_features, width)
+        output_factors = torch.empty(groups, self.out_features, width)
+        # uniform(+-1/sqrt(fan_in)), fan_in = rows * width: the paper's kaiming_uniform(a=sqrt(5)) on [H, rows, width]
+        for factors in (input_factors, output_factors):
+            bound = 1 / math.sqrt(factors.shape[1] * width)
+            nn.init.uniform_(factors, -bound, bound)
+        if config.init_weights and config.kernel == "linear":
+            output_factors.zero_()
+        elif config.init_weights:
+            # odd groups copy even ones: c_h alternates in sign, so each pair cancels exactly
+            input_factors[1::2] = input_factors[0::2]
+            output_factors[1::2] = output_factors[0::2]
+        self.snell_input_factors[adapter_name] = nn.Parameter(input_factors)
+        self.snell_output_factors[adapter_name] = nn.Parameter(output_factors)
+        self.snell_num_kept[adapter_name] = torch.tensor(kept_count(self.num_entries, config.sparsity))
+        self.snell_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.kernel_spec[adapter_name] = KernelSpec(
+            config.kernel, config.kernel_scale, config.rbf_gamma, config.magnitude_competition
+        )
+        self.threshold_sample_size[adapter_name] = config.threshold_sample_size
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    # --- the delta ----------------------------------------------------------------------------
+
+    def sparsity(self, adapter_name: str) -> float:
+        return 1 - int(self.snell_num_kept[adapter_name]) / self.num_entries
+
+    def set_num_kept(self, adapter_name: str, num_kept: int) -> None:
+        """Keep ``num_kept`` entries of this layer's delta from now on (SNELLA's per-layer budget)."""
+        if not 0 <= num_kept <= self.num_entries:
+            raise ValueError(f"num_kept must be in [0, {self.num_entries}], got {num_kept}")
+        self.snell_num_kept[adapter_name].fill_(num_kept)
+
+    def threshold(self, adapter_name: str) -> torch.Tensor:
+        """The current ``tau`` of one adapter (0-dim; no gradient)."""
+        return keep_threshold(
+            self.snell_input_factors[adapter_name].detach(),
+            self.snell_output_factors[adapter_name].detach(),
+            self.kernel_spec[adapter_name],
+            int(self.snell_num_kept[adapter_name]),
+            self.threshold_sample_size[adapter_name],
+            self.sample_seed,
+        )
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The dense sparse delta ``E`` of one adapter, shaped and typed like the base weight."""
+        input_factors, output_factors = self.snell_input_factors[adapter_name], self.snell_output_factors[adapter_name]
+        spec = self.kernel_spec[adapter_name]
+        kernel = kernel_matrix(input_factors, output_factors, spec)
+        delta = sparse_delta(kernel, self.threshold(adapter_name), spec.magnitude)
+        weight = self.get_base_layer().weight
+        return (delta.T if self.weight_is_transposed else delta).to(weight.dtype)
+
+    # --- peft layer API -----------------------------------------------------------------------
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Add the deltas to the base weight (``safe_merge`` checks the result for NaN/Inf first)."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        weight = self.get_base_layer().weight
+        for name in adapter_names:
+            if name not in self.snell_input_factors:
+                continue
+            delta = self.get_delta_weight(name)
+            if safe_merge and not torch.isfinite(weight.data + delta).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+            weight.data += delta
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract the merged deltas again (exact up to float rounding, as for LoRA)."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        weight = self.get_base_layer().weight
+        while self.merged_adapters:
+            weight.data -= self.get_delta_weight(self.merged_adapters.pop())
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return False
+
+
+class SnellLinear(nn.Module, SnellLayer):
+    """SNELL adapter around an ``nn.Linear`` or transformers ``Conv1D``.
+
+    Example:
+        >>> layer = SnellLinear(nn.Linear(8, 4), "default", SnellConfig(r=4, sparsity=0.5))
+        >>> layer(torch.randn(2, 8)).shape
+        torch.Size([2, 4])
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SnellConfig, sample_seed: int = 0) -> None:
+        super().__init__()
+        SnellLayer.__init__(self, base_layer, sample_seed)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for name in self.active_adapters:
+            if name not in self.snell_input_factors:
+                continue
+            update = snell_matmul(
+                self.snell_dropout[name](x),
+                self.snell_input_factors[name],
+                self.snell_output_factors[name],
+                self.threshold(name),
+                self.kernel_spec[name],
+            )
+            result = result + update.to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "snell." + super().__repr__()

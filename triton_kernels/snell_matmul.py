@@ -1,0 +1,416 @@
+"""SNELL matmul: ``x @ E^T`` where ``E`` is a thresholded kernel matrix of two low-rank factors.
+
+``K[j, i] = sum_h c_h * kappa(a_i^h, b_j^h)`` for input factors ``A`` [H, in, d] and output factors
+``B`` [H, out, d]; ``E = K`` (or ``K * |K|`` with magnitude competition) where ``|K| >= tau``, else 0.
+Kernels: ``"linear"`` (``kappa = <a, b>``, ``c_h = scale``: LoRA's ``B @ A^T``), ``"distance_diff"``
+(``kappa = ||a - b||_2``) and ``"rbf"`` (``kappa = exp(-gamma ||a - b||^2)``), the last two with
+``c_h = scale * (-1)^h``. ``tau`` gets no gradient; the magnitude factor ``|K|`` is detached.
+
+Neither path keeps ``E`` [out, in] for backward: both save only ``x``, ``A``, ``B`` and ``tau`` and
+recompute the kernel there. The torch reference (CPU) forms ``E`` transiently, one layer at a time;
+the Triton kernels (CUDA) compute kernel tiles in registers and never write ``E`` to memory:
+forward ``y = x @ E^T``, backward ``dx = dy @ E`` and ``dA, dB`` from the tiles of ``dy^T @ x``
+(accumulated with fp32 atomics, so their summation order is not deterministic).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+
+from ._dispatch import lazy_jit, tl, triton, use_triton
+
+if triton is not None:
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+KERNELS = ("linear", "distance_diff", "rbf")
+
+
+class KernelSpec(NamedTuple):
+    """Which kernel and its constants; ``magnitude`` multiplies kept entries by their detached ``|K|``."""
+
+    name: str
+    scale: float
+    gamma: float = 1.0
+    magnitude: bool = False
+
+
+def _coefficient(spec: KernelSpec, group: int) -> float:
+    return spec.scale if spec.name == "linear" or group % 2 == 0 else -spec.scale
+
+
+def _upcast(tensor: torch.Tensor) -> torch.Tensor:
+    """fp32, or fp64 for fp64 inputs."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+def _squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``||a_i - b_j||^2`` [out, in] for ``a`` [in, d], ``b`` [out, d], at least in fp32, clamped at 0."""
+    a, b = _upcast(a), _upcast(b)
+    squared = (b * b).sum(1, keepdim=True) + (a * a).sum(1) - 2 * (b @ a.T)
+    return squared.clamp_min_(0)
+
+
+def kernel_matrix(input_factors: torch.Tensor, output_factors: torch.Tensor, spec: KernelSpec) -> torch.Tensor:
+    """The dense kernel matrix ``K`` [out, in] in fp32 (fp64 for fp64 factors), no threshold, no grad.
+
+    Example:
+        >>> a, b = torch.randn(2, 5, 4), torch.randn(2, 3, 4)
+        >>> kernel_matrix(a, b, KernelSpec("linear", 1.0)).shape
+        torch.Size([3, 5])
+    """
+    with torch.no_grad():
+        if spec.name == "linear":
+            return spec.scale * torch.einsum("hod,hid->oi", _upcast(output_factors), _upcast(input_factors))
+        result = None
+        for group in range(input_factors.shape[0]):
+            squared = _squared_distances(input_factors[group], output_factors[group])
+            values = squared.sqrt_() if spec.name == "distance_diff" else squared.mul_(-spec.gamma).exp_()
+            values.mul_(_coefficient(spec, group))
+            result = values if result is None else result.add_(values)
+        return result
+
+
+def kernel_entries(
+    input_factors: torch.Tensor, output_factors: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, spec: KernelSpec
+) -> torch.Tensor:
+    """``K[rows[t], cols[t]]`` [m] for index vectors ``rows``, ``cols`` [m], without forming ``K``."""
+    with torch.no_grad():
+        a = _upcast(input_factors[:, cols])  # [H, m, d]
+        b = _upcast(output_factors[:, rows])
+        if spec.name == "linear":
+            return spec.scale * (a * b).sum((0, 2))
+        squared = (a - b).square().sum(2)  # [H, m]
+        values = squared.sqrt() if spec.name == "distance_diff" else torch.exp(-spec.gamma * squared)
+        signs = torch.tensor([_coefficient(spec, h) for h in range(a.shape[0])], device=a.device)
+        return (signs[:, None] * values).sum(0)
+
+
+def sparse_delta(kernel: torch.Tensor, threshold: torch.Tensor, magnitude: bool) -> torch.Tensor:
+    """``E`` from ``K``: entries with ``|K| >= threshold`` (times ``|K|`` if ``magnitude``), zeros elsewhere."""
+    absolute = kernel.abs()
+    kept = kernel * absolute if magnitude else kernel
+    return torch.where(absolute >= threshold, kept, 0.0)
+
+
+def kernel_factor_grads(
+    input_factors: torch.Tensor, output_factors: torch.Tensor, grad_kernel: torch.Tensor, spec: KernelSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dL/dA [H, in, d], dL/dB [H, out, d])`` from ``dL/dK`` [out, in], at least in fp32.
+
+    Distance kernels: with ``W = c_h * dL/dK * dkappa/d(||a-b||^2) * 2`` (``1/||a - b||`` for
+    distance_diff, 0 where the distance is 0; ``-2 gamma exp(-gamma ||a-b||^2)`` for rbf),
+    ``dA_h = colsum(W) * A_h - W^T B_h`` and ``dB_h = rowsum(W) * B_h - W A_h``.
+    """
+    a_all, b_all, grad_kernel = _upcast(input_factors), _upcast(output_factors), _upcast(grad_kernel)
+    grad_a, grad_b = torch.empty_like(a_all), torch.empty_like(b_all)
+    for group in range(a_all.shape[0]):
+        a, b = a_all[group], b_all[group]
+        if spec.name == "linear":
+            weights = spec.scale * grad_kernel
+            grad_a[group], grad_b[group] = weights.T @ b, weights @ a
+            continue
+        squared = _squared_distances(a, b)
+        if spec.name == "distance_diff":
+            pair = torch.where(squared > 0, squared.rsqrt(), 0.0)
+        else:
+            pair = torch.exp(-spec.gamma * squared).mul_(-2 * spec.gamma)
+        weights = pair.mul_(grad_kernel).mul_(_coefficient(spec, group))
+        grad_a[group] = weights.sum(0)[:, None] * a - weights.T @ b
+        grad_b[group] = weights.sum(1)[:, None] * b - weights @ a
+    return grad_a, grad_b
+
+
+class _ReferenceSnellMatmul(torch.autograd.Function):
+    """Torch path: ``E`` is formed in forward and again in backward, never saved."""
+
+    @staticmethod
+    def forward(ctx, x, input_factors, output_factors, threshold, spec: KernelSpec):
+        delta = sparse_delta(kernel_matrix(input_factors, output_factors, spec), threshold, spec.magnitude)
+        ctx.save_for_backward(x, input_factors, output_factors, threshold)
+        ctx.spec = spec
+        return x @ delta.to(x.dtype).T
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, input_factors, output_factors, threshold = ctx.saved_tensors
+        spec = ctx.spec
+        kernel = kernel_matrix(input_factors, output_factors, spec)
+        kept = kernel.abs() >= threshold
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_output @ sparse_delta(kernel, threshold, spec.magnitude).to(grad_output.dtype)
+        grad_kernel = _upcast(grad_output).T @ _upcast(x)  # [out, in]
+        grad_kernel.mul_(kept)
+        if spec.magnitude:
+            grad_kernel.mul_(kernel.abs_())
+        del kernel, kept
+        grad_a, grad_b = kernel_factor_grads(input_factors, output_factors, grad_kernel, spec)
+        return grad_x, grad_a.to(input_factors.dtype), grad_b.to(output_factors.dtype), None, None
+
+
+def snell_matmul_reference(
+    x: torch.Tensor,
+    input_factors: torch.Tensor,
+    output_factors: torch.Tensor,
+    threshold: torch.Tensor,
+    spec: KernelSpec,
+) -> torch.Tensor:
+    """``x @ E^T`` [T, out] for ``x`` [T, in] (torch path; the spec of the Triton kernels).
+
+    Example:
+        >>> a, b = torch.randn(2, 5, 4, requires_grad=True), torch.randn(2, 3, 4)
+        >>> y = snell_matmul_reference(torch.randn(7, 5), a, b, torch.tensor(0.0), KernelSpec("rbf", 0.1))
+        >>> y.shape
+        torch.Size([7, 3])
+    """
+    return _ReferenceSnellMatmul.apply(x, input_factors, output_factors, threshold, spec)
+
+
+def device_function(function: Callable) -> Callable:
+    """``triton.jit`` for a helper called from kernels: inlined when compiled, run by Triton's
+    interpreter under ``TRITON_INTERPRET=1`` (a plain ``JITFunction`` refuses calls there)."""
+    if triton is None:
+        return function
+
+    class _DeviceFunction(JITFunction):
+        def __call__(self, *args, **kwargs):
+            return InterpretedFunction(self.fn)(*args, **kwargs)
+
+    return _DeviceFunction(function)
+
+
+@device_function
+def _load_factor(ptr, group, offs_rows, num_rows, D, BLOCK_D: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_rows[:, None] < num_rows) & (offs_d[None, :] < D)
+    pointers = ptr + (group * num_rows + offs_rows[:, None]) * D + offs_d[None, :]
+    return tl.load(pointers, mask=mask, other=0.0).to(tl.float32)
+
+
+@device_function
+def _group_values(a, b, KERNEL: tl.constexpr, gamma):
+    """kappa tile [BLOCK_O, BLOCK_I] of one group and its squared distances (or the dot products)."""
+    dot = tl.dot(b, tl.trans(a), input_precision="ieee")
+    values, squared = dot, dot
+    if KERNEL != 0:
+        squared = tl.maximum(tl.sum(b * b, 1)[:, None] + tl.sum(a * a, 1)[None, :] - 2 * dot, 0.0)
+        if KERNEL == 1:
+            values = tl.sqrt(squared)
+        else:
+            values = tl.exp(-gamma * squared)
+    return values, squared
+
+
+@device_function
+def _signed(scale, group: tl.constexpr, KERNEL: tl.constexpr):
+    """c_h: ``scale`` for the linear kernel and even groups, ``-scale`` for odd groups of the others."""
+    sign = 1.0
+    if KERNEL != 0:
+        if group % 2 == 1:
+            sign = -1.0
+    return sign * scale
+
+
+@device_function
+def _kernel_tile(
+    a_ptr, b_ptr, offs_i, offs_o, IN, OUT, D, scale, gamma,
+    H: tl.constexpr, KERNEL: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """K tile [BLOCK_O, BLOCK_I] in fp32, summed over the H groups."""
+    tile = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+    for group in tl.static_range(H):
+        a = _load_factor(a_ptr, group, offs_i, IN, D, BLOCK_D)
+        b = _load_factor(b_ptr, group, offs_o, OUT, D, BLOCK_D)
+        values, _ = _group_values(a, b, KERNEL, gamma)
+        tile += _signed(scale, group, KERNEL) * values
+    return tile
+
+
+@device_function
+def _sparse_tile(kernel, tau, MAGNITUDE: tl.constexpr):
+    absolute = tl.abs(kernel)
+    kept = kernel
+    if MAGNITUDE:
+        kept = kernel * absolute
+    return tl.where(absolute >= tau, kept, 0.0)
+
+
+@lazy_jit
+def _forward_kernel(
+    x_ptr, a_ptr, b_ptr, tau_ptr, y_ptr, T, IN, OUT, D, scale, gamma,
+    H: tl.constexpr, KERNEL: tl.constexpr, MAGNITUDE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """y[t_block, o_block] = x[t_block, :] @ E[o_block, :]^T, E tiles computed on the fly."""
+    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_o = tl.program_id(1).to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
+    tau = tl.load(tau_ptr)
+    acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
+    for start in range(0, IN, BLOCK_I):
+        offs_i = start + tl.arange(0, BLOCK_I).to(tl.int64)
+        tile = _kernel_tile(a_ptr, b_ptr, offs_i, offs_o, IN, OUT, D, scale, gamma, H, KERNEL, BLOCK_O, BLOCK_I, BLOCK_D)
+        delta = _sparse_tile(tile, tau, MAGNITUDE)
+        x_mask = (offs_t[:, None] < T) & (offs_i[None, :] < IN)
+        x = tl.load(x_ptr + offs_t[:, None] * IN + offs_i[None, :], mask=x_mask, other=0.0).to(tl.float32)
+        acc += tl.dot(x, tl.trans(delta), input_precision="ieee")
+    y_mask = (offs_t[:, None] < T) & (offs_o[None, :] < OUT)
+    tl.store(y_ptr + offs_t[:, None] * OUT + offs_o[None, :], acc, mask=y_mask)
+
+
+@lazy_jit
+def _grad_input_kernel(
+    dy_ptr, a_ptr, b_ptr, tau_ptr, dx_ptr, T, IN, OUT, D, scale, gamma,
+    H: tl.constexpr, KERNEL: tl.constexpr, MAGNITUDE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """dx[t_block, i_block] = dy[t_block, :] @ E[:, i_block]."""
+    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_i = tl.program_id(1).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
+    tau = tl.load(tau_ptr)
+    acc = tl.zeros((BLOCK_T, BLOCK_I), dtype=tl.float32)
+    for start in range(0, OUT, BLOCK_O):
+        offs_o = start + tl.arange(0, BLOCK_O).to(tl.int64)
+        tile = _kernel_tile(a_ptr, b_ptr, offs_i, offs_o, IN, OUT, D, scale, gamma, H, KERNEL, BLOCK_O, BLOCK_I, BLOCK_D)
+        delta = _sparse_tile(tile, tau, MAGNITUDE)
+        dy_mask = (offs_t[:, None] < T) & (offs_o[None, :] < OUT)
+        dy = tl.load(dy_ptr + offs_t[:, None] * OUT + offs_o[None, :], mask=dy_mask, other=0.0).to(tl.float32)
+        acc += tl.dot(dy, delta, input_precision="ieee")
+    dx_mask = (offs_t[:, None] < T) & (offs_i[None, :] < IN)
+    tl.store(dx_ptr + offs_t[:, None] * IN + offs_i[None, :], acc, mask=dx_mask)
+
+
+@lazy_jit
+def _grad_factors_kernel(
+    x_ptr, dy_ptr, a_ptr, b_ptr, tau_ptr, da_ptr, db_ptr, T, IN, OUT, D, scale, gamma,
+    H: tl.constexpr, KERNEL: tl.constexpr, MAGNITUDE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """One [BLOCK_O, BLOCK_I] tile of dL/dK = mask * (dy^T x), pushed into dA, dB with atomics."""
+    offs_o = tl.program_id(0).to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
+    offs_i = tl.program_id(1).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
+    grad = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+    for start in range(0, T, BLOCK_T):
+        offs_t = start + tl.arange(0, BLOCK_T).to(tl.int64)
+        dy_mask = (offs_t[:, None] < T) & (offs_o[None, :] < OUT)
+        dy = tl.load(dy_ptr + offs_t[:, None] * OUT + offs_o[None, :], mask=dy_mask, other=0.0).to(tl.float32)
+        x_mask = (offs_t[:, None] < T) & (offs_i[None, :] < IN)
+        x = tl.load(x_ptr + offs_t[:, None] * IN + offs_i[None, :], mask=x_mask, other=0.0).to(tl.float32)
+        grad += tl.dot(tl.trans(dy), x, input_precision="ieee")
+    tau = tl.load(tau_ptr)
+    tile = _kernel_tile(a_ptr, b_ptr, offs_i, offs_o, IN, OUT, D, scale, gamma, H, KERNEL, BLOCK_O, BLOCK_I, BLOCK_D)
+    absolute = tl.abs(tile)
+    if MAGNITUDE:
+        grad = grad * absolute
+    grad = tl.where(absolute >= tau, grad, 0.0)
+    offs_d = tl.arange(0, BLOCK_D)
+    for group in tl.static_range(H):
+        a = _load_factor(a_ptr, group, offs_i, IN, D, BLOCK_D)
+        b = _load_factor(b_ptr, group, offs_o, OUT, D, BLOCK_D)
+        coefficient = _signed(scale, group, KERNEL)
+        if KERNEL == 0:
+            weights = coefficient * grad
+            grad_a = tl.dot(tl.trans(weights), b, input_precision="ieee")
+            grad_b = tl.dot(weights, a, input_precision="ieee")
+        else:
+            values, squared = _group_values(a, b, KERNEL, gamma)
+            if KERNEL == 1:
+                pair = tl.where(squared > 0, tl.rsqrt(tl.maximum(squared, 1e-30)), 0.0)
+            else:
+                pair = -2.0 * gamma * values
+            weights = coefficient * grad * pair
+            grad_a = tl.sum(weights, 0)[:, None] * a - tl.dot(tl.trans(weights), b, input_precision="ieee")
+            grad_b = tl.sum(weights, 1)[:, None] * b - tl.dot(weights, a, input_precision="ieee")
+        a_mask = (offs_i[:, None] < IN) & (offs_d[None, :] < D)
+        tl.atomic_add(da_ptr + (group * IN + offs_i[:, None]) * D + offs_d[None, :], grad_a, mask=a_mask)
+        b_mask = (offs_o[:, None] < OUT) & (offs_d[None, :] < D)
+        tl.atomic_add(db_ptr + (group * OUT + offs_o[:, None]) * D + offs_d[None, :], grad_b, mask=b_mask)
+
+
+BLOCK_T, BLOCK_O, BLOCK_I = 32, 64, 64  # untuned: no GPU was available when this was written
+
+
+def _launch_constants(input_factors: torch.Tensor, spec: KernelSpec) -> dict:
+    groups, _, rank = input_factors.shape
+    return dict(
+        H=groups, KERNEL=KERNELS.index(spec.name), MAGNITUDE=spec.magnitude,
+        BLOCK_T=BLOCK_T, BLOCK_O=BLOCK_O, BLOCK_I=BLOCK_I, BLOCK_D=max(16, triton.next_power_of_2(rank)),
+    )  # fmt: skip
+
+
+class _TritonSnellMatmul(torch.autograd.Function):
+    """Fused path: kernel tiles live in registers only; forward and backward are Triton kernels."""
+
+    @staticmethod
+    def forward(ctx, x, input_factors, output_factors, threshold, spec: KernelSpec):
+        a, b = input_factors.contiguous(), output_factors.contiguous()
+        tokens, (_, num_in, rank), num_out = x.shape[0], a.shape, b.shape[1]
+        x = x.contiguous()
+        y = torch.empty(tokens, num_out, dtype=torch.float32, device=x.device)
+        grid = (triton.cdiv(tokens, BLOCK_T), triton.cdiv(num_out, BLOCK_O))
+        _forward_kernel[grid](
+            x, a, b, threshold, y, tokens, num_in, num_out, rank, spec.scale, spec.gamma,
+            **_launch_constants(a, spec),
+        )  # fmt: skip
+        ctx.save_for_backward(x, a, b, threshold)
+        ctx.spec = spec
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, a, b, threshold = ctx.saved_tensors
+        spec, grad_output = ctx.spec, grad_output.contiguous()
+        tokens, (_, num_in, rank), num_out = x.shape[0], a.shape, b.shape[1]
+        constants = _launch_constants(a, spec)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.empty(tokens, num_in, dtype=torch.float32, device=x.device)
+            grid = (triton.cdiv(tokens, BLOCK_T), triton.cdiv(num_in, BLOCK_I))
+            _grad_input_kernel[grid](
+                grad_output, a, b, threshold, grad_x, tokens, num_in, num_out, rank, spec.scale, spec.gamma,
+                **constants,
+            )  # fmt: skip
+            grad_x = grad_x.to(x.dtype)
+        grad_a = torch.zeros(a.shape, dtype=torch.float32, device=a.device)
+        grad_b = torch.zeros(b.shape, dtype=torch.float32, device=b.device)
+        grid = (triton.cdiv(num_out, BLOCK_O), triton.cdiv(num_in, BLOCK_I))
+        _grad_factors_kernel[grid](
+            x, grad_output, a, b, threshold, grad_a, grad_b, tokens, num_in, num_out, rank, spec.scale, spec.gamma,
+            **constants,
+        )  # fmt: skip
+        return grad_x, grad_a.to(a.dtype), grad_b.to(b.dtype), None, None
+
+
+def snell_matmul_triton(
+    x: torch.Tensor,
+    input_factors: torch.Tensor,
+    output_factors: torch.Tensor,
+    threshold: torch.Tensor,
+    spec: KernelSpec,
+) -> torch.Tensor:
+    """Fused Triton version of :func:`snell_matmul_reference` (same signature and result)."""
+    if triton is None:
+        raise RuntimeError("snell_matmul_triton needs the triton package (pip install 'peft-sparse[triton]')")
+    return _TritonSnellMatmul.apply(x, input_factors, output_factors, threshold.float().reshape(1), spec)
+
+
+def snell_matmul(
+    x: torch.Tensor,
+    input_factors: torch.Tensor,
+    output_factors: torch.Tensor,
+    threshold: torch.Tensor,
+    spec: KernelSpec,
+) -> torch.Tensor:
+    """``x @ E^T`` [..., out] for ``x`` [..., in]: the Triton kernels on CUDA, the torch reference elsewhere.
+
+    Example:
+        >>> a, b = torch.zeros(2, 8, 4), torch.zeros(2, 6, 4)
+        >>> snell_matmul(torch.randn(3, 5, 8), a, b, torch.tensor(0.0), KernelSpec("distance_diff", 0.1)).shape
+        torch.Size([3, 5, 6])
+    """
+    tokens = x.reshape(-1, x.shape[-1])
+    matmul = snell_matmul_triton if use_triton(x) else snell_matmul_reference
+    y = matmul(tokens, input_factors, output_factors, threshold, spec)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
