@@ -19,6 +19,7 @@ METHODS: tuple[tuple[str, str, str, str], ...] = (
     ("SPARSE", "peft_sparse.tuners.sparse", "SparseConfig", "SparseModel"),
     ("LIFT", "peft_sparse.tuners.lift", "LiftConfig", "LiftModel"),
     ("SORA", "peft_sparse.tuners.sora", "SoraConfig", "SoraModel"),
+    ("SNELL", "peft_sparse.tuners.snell", "SnellConfig", "SnellModel"),
 )
 
 for _name, *_ in METHODS:
