@@ -2,6 +2,24 @@
 
 from __future__ import annotations
 
+import os
+
+# Triton decides when `triton.language` is imported whether its library functions (tl.sum,
+# tl.zeros, ...) run on its CPU interpreter, and torch imports triton: so import it here, first,
+# with TRITON_INTERPRET=1, then restore the variable. Tests then take the torch path on CPU unless
+# they use the `triton_interpreter` fixture (our kernels read the variable at launch).
+_interpret_setting = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+try:
+    import triton.language  # noqa: F401
+except ImportError:  # Triton is optional; kernel tests skip without it
+    pass
+finally:
+    if _interpret_setting is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _interpret_setting
+
 import pytest
 import torch
 from torch import nn
@@ -58,3 +76,10 @@ SPARSE_DELTA_CONFIGS = {
 @pytest.fixture
 def input_ids() -> torch.Tensor:
     return torch.randint(0, VOCAB_SIZE, (2, 12), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    """Run our Triton kernels on CPU tensors, through Triton's interpreter, for one test."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")

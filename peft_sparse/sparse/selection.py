@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from triton_kernels import sampled_dense_dense_matmul
+from triton_kernels import sampled_dense_dense_matmul, topk_candidates
 
 from .indices import csr_pattern, index_dtype_for
 
@@ -47,13 +47,10 @@ class AccumulatedGradientGrowth:
         if self.candidates is not None:
             self.accumulated += sampled_dense_dense_matmul(left, right, self._crow, self._col)
             return
-        gradient = (left.float() @ right.float()).view(-1)  # dense only on the window's first micro-batch
-        score = gradient.abs().masked_fill_(~_inactive_mask(self.active_indices, gradient.numel()), -1.0)
-        count = min(self.num_candidates, gradient.numel() - self.active_indices.numel())
-        candidates = torch.topk(score, count, sorted=False).indices.sort().values
-        self.candidates = candidates.to(index_dtype_for(gradient.numel()))
+        # the window's first micro-batch: a dense product (on CUDA scanned tile by tile, never stored)
+        candidates, self.accumulated = topk_candidates(left, right, self.active_indices, self.num_candidates)
+        self.candidates = candidates.to(index_dtype_for(left.shape[0] * right.shape[1]))
         self._crow, self._col = csr_pattern(self.candidates, self.weight_shape)
-        self.accumulated = gradient[candidates]
 
     def grow(self, count: int) -> torch.Tensor:
         if self.candidates is None:
