@@ -151,7 +151,7 @@ class _ReferenceSnellMatmul(torch.autograd.Function):
         return grad_x, grad_a.to(input_factors.dtype), grad_b.to(output_factors.dtype), None, None
 
 
-def snell_matmul_reference(
+def snell_delta_matmul_reference(
     x: torch.Tensor,
     input_factors: torch.Tensor,
     output_factors: torch.Tensor,
@@ -162,7 +162,7 @@ def snell_matmul_reference(
 
     Example:
         >>> a, b = torch.randn(2, 5, 4, requires_grad=True), torch.randn(2, 3, 4)
-        >>> y = snell_matmul_reference(torch.randn(7, 5), a, b, torch.tensor(0.0), KernelSpec("rbf", 0.1))
+        >>> y = snell_delta_matmul_reference(torch.randn(7, 5), a, b, torch.tensor(0.0), KernelSpec("rbf", 0.1))
         >>> y.shape
         torch.Size([7, 3])
     """
@@ -251,7 +251,9 @@ def _forward_kernel(
     acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
     for start in range(0, IN, BLOCK_I):
         offs_i = start + tl.arange(0, BLOCK_I).to(tl.int64)
-        tile = _kernel_tile(a_ptr, b_ptr, offs_i, offs_o, IN, OUT, D, scale, gamma, H, KERNEL, BLOCK_O, BLOCK_I, BLOCK_D)
+        tile = _kernel_tile(
+            a_ptr, b_ptr, offs_i, offs_o, IN, OUT, D, scale, gamma, H, KERNEL, BLOCK_O, BLOCK_I, BLOCK_D
+        )
         delta = _sparse_tile(tile, tau, MAGNITUDE)
         x_mask = (offs_t[:, None] < T) & (offs_i[None, :] < IN)
         x = tl.load(x_ptr + offs_t[:, None] * IN + offs_i[None, :], mask=x_mask, other=0.0).to(tl.float32)
@@ -273,7 +275,9 @@ def _grad_input_kernel(
     acc = tl.zeros((BLOCK_T, BLOCK_I), dtype=tl.float32)
     for start in range(0, OUT, BLOCK_O):
         offs_o = start + tl.arange(0, BLOCK_O).to(tl.int64)
-        tile = _kernel_tile(a_ptr, b_ptr, offs_i, offs_o, IN, OUT, D, scale, gamma, H, KERNEL, BLOCK_O, BLOCK_I, BLOCK_D)
+        tile = _kernel_tile(
+            a_ptr, b_ptr, offs_i, offs_o, IN, OUT, D, scale, gamma, H, KERNEL, BLOCK_O, BLOCK_I, BLOCK_D
+        )
         delta = _sparse_tile(tile, tau, MAGNITUDE)
         dy_mask = (offs_t[:, None] < T) & (offs_o[None, :] < OUT)
         dy = tl.load(dy_ptr + offs_t[:, None] * OUT + offs_o[None, :], mask=dy_mask, other=0.0).to(tl.float32)
@@ -383,20 +387,20 @@ class _TritonSnellMatmul(torch.autograd.Function):
         return grad_x, grad_a.to(a.dtype), grad_b.to(b.dtype), None, None
 
 
-def snell_matmul_triton(
+def snell_delta_matmul_triton(
     x: torch.Tensor,
     input_factors: torch.Tensor,
     output_factors: torch.Tensor,
     threshold: torch.Tensor,
     spec: KernelSpec,
 ) -> torch.Tensor:
-    """Fused Triton version of :func:`snell_matmul_reference` (same signature and result)."""
+    """Fused Triton version of :func:`snell_delta_matmul_reference` (same signature and result)."""
     if triton is None:
-        raise RuntimeError("snell_matmul_triton needs the triton package (pip install 'peft-sparse[triton]')")
+        raise RuntimeError("snell_delta_matmul_triton needs the triton package (pip install 'peft-sparse[triton]')")
     return _TritonSnellMatmul.apply(x, input_factors, output_factors, threshold.float().reshape(1), spec)
 
 
-def snell_matmul(
+def snell_delta_matmul(
     x: torch.Tensor,
     input_factors: torch.Tensor,
     output_factors: torch.Tensor,
@@ -407,10 +411,10 @@ def snell_matmul(
 
     Example:
         >>> a, b = torch.zeros(2, 8, 4), torch.zeros(2, 6, 4)
-        >>> snell_matmul(torch.randn(3, 5, 8), a, b, torch.tensor(0.0), KernelSpec("distance_diff", 0.1)).shape
+        >>> snell_delta_matmul(torch.randn(3, 5, 8), a, b, torch.tensor(0.0), KernelSpec("distance_diff", 0.1)).shape
         torch.Size([3, 5, 6])
     """
     tokens = x.reshape(-1, x.shape[-1])
-    matmul = snell_matmul_triton if use_triton(x) else snell_matmul_reference
+    matmul = snell_delta_matmul_triton if use_triton(x) else snell_delta_matmul_reference
     y = matmul(tokens, input_factors, output_factors, threshold, spec)
     return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -2,7 +2,8 @@
 
 from .param_groups import isolate_param_group
 from .schedules import reselection_rate
+from .snella import SnellAllocationCallback
 from .sora import SoraCallback
 from .sparse_update import SparseUpdateCallback
 
-__all__ = ["SoraCallback", "SparseUpdateCallback", "isolate_param_group", "reselection_rate"]
+__all__ = ["SnellAllocationCallback", "SoraCallback", "SparseUpdateCallback", "isolate_param_group", "reselection_rate"]

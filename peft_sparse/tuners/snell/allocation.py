@@ -14,7 +14,9 @@ import torch
 from ...sparse.tuner import split_budget
 
 
-def scheduled_budget(initial: int, target: int, step: int, total_steps: int, warmup_steps: int, final_steps: int) -> int:
+def scheduled_budget(
+    initial: int, target: int, step: int, total_steps: int, warmup_steps: int, final_steps: int
+) -> int:
     """Nonzeros allowed at ``step``: ``initial`` during warm-up, ``target`` in the last ``final_steps``,
     and ``target + (initial - target) * (1 - progress)^3`` in between (rounded down).
 

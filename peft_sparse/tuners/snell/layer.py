@@ -1,7 +1,7 @@
 """The SNELL adapter layer: ``y = base(x) + dropout(x) @ E^T``, ``E`` a thresholded kernel of two factors.
 
 No mask or indices are stored: each forward finds the threshold of ``|K|`` (see ``threshold.py``)
-and applies ``E`` through :func:`triton_kernels.snell_matmul`, which keeps neither ``K`` nor ``E``
+and applies ``E`` through :func:`triton_kernels.snell_delta_matmul`, which keeps neither ``K`` nor ``E``
 for backward. Merging adds ``E`` to the base weight once, so a merged model has no extra cost.
 """
 
@@ -17,7 +17,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from triton_kernels.snell_matmul import KernelSpec, kernel_matrix, snell_matmul, sparse_delta
+from triton_kernels.snell_matmul import KernelSpec, kernel_matrix, snell_delta_matmul, sparse_delta
 
 from ...sparse.layer import SUPPORTED_BASE_LAYERS
 from .config import SnellConfig
@@ -173,7 +173,7 @@ class SnellLinear(nn.Module, SnellLayer):
         for name in self.active_adapters:
             if name not in self.snell_input_factors:
                 continue
-            update = snell_matmul(
+            update = snell_delta_matmul(
                 self.snell_dropout[name](x),
                 self.snell_input_factors[name],
                 self.snell_output_factors[name],

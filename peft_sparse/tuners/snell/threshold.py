@@ -1,10 +1,12 @@
-"""Per-matrix SNELL threshold: the value of the ``num_kept``-th largest ``|K|``, without ``torch.quantile``.
+"""Per-matrix SNELL threshold ``tau``: ``|K| >= tau`` keeps the ``num_kept`` largest entries; no ``torch.quantile``.
 
 ``torch.quantile`` refuses inputs above 2^24 entries (a 4096 x 11008 matrix has 45M). Two ways:
 
 - exact: ``torch.kthvalue`` over all ``|K|`` (``K`` is formed once, transiently). Keeping
   ``|K| >= tau`` then keeps exactly ``num_kept`` entries, plus any that tie with the threshold
   (at an all-zero initial delta every entry ties, so all are kept and all get gradients).
+  ``tau`` lies half-way between the ``num_kept``-th largest value and the next smaller one, so the
+  Triton kernels, which recompute ``K`` with other rounding, keep the same entries.
 - sampled (``sample_size`` m < out * in): the same rank statistic of ``K`` at m positions drawn
   uniformly with replacement, evaluated from the factors' rows (O(m * r), ``K`` is never formed).
   The kept fraction is then q +- sqrt(q (1 - q) / m) (one standard deviation; q = num_kept / n):
@@ -22,15 +24,18 @@ import torch
 from triton_kernels.snell_matmul import KernelSpec, kernel_entries, kernel_matrix
 
 
-def kth_largest(values: torch.Tensor, count: int) -> torch.Tensor:
-    """The ``count``-th largest entry of ``values`` (any shape) as a 0-dim tensor; ``count`` in [1, numel].
+def split_point(values: torch.Tensor, count: int) -> torch.Tensor:
+    """Half-way between the ``count``-th largest entry of ``values`` and the next smaller distinct one
+    (or that entry itself if none is smaller), as a 0-dim tensor; ``count`` in [1, numel].
 
     Example:
-        >>> kth_largest(torch.tensor([3.0, 1.0, 2.0]), 2)
-        tensor(2.)
+        >>> split_point(torch.tensor([3.0, 1.0, 2.0]), 2)
+        tensor(1.5000)
     """
     flat = values.reshape(-1)
-    return flat.kthvalue(flat.numel() - count + 1).values
+    kth = flat.kthvalue(flat.numel() - count + 1).values
+    below = torch.where(flat < kth, flat, float("-inf")).amax()
+    return torch.where(torch.isfinite(below), (kth + below) / 2, kth)
 
 
 def keep_threshold(
@@ -54,9 +59,9 @@ def keep_threshold(
     if num_kept <= 0:
         return torch.tensor(float("inf"), device=device)
     if sample_size is None or sample_size >= num_entries:
-        return kth_largest(kernel_matrix(input_factors, output_factors, spec).abs_(), num_kept)
+        return split_point(kernel_matrix(input_factors, output_factors, spec).abs_(), num_kept)
     generator = torch.Generator(device=device).manual_seed(sample_seed)
     positions = torch.randint(0, num_entries, (sample_size,), generator=generator, device=device)
     entries = kernel_entries(input_factors, output_factors, positions // num_in, positions % num_in, spec)
     sample_kept = min(max(round(num_kept * sample_size / num_entries), 1), sample_size)
-    return kth_largest(entries.abs_(), sample_kept)
+    return split_point(entries.abs_(), sample_kept)

@@ -1,0 +1,63 @@
+"""TrainerCallback that drives SNELLA's per-layer sparsity allocation (SnellConfig(allocation="snella"))."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from torch import nn
+from transformers import TrainerCallback
+
+from peft_sparse.tuners.snell import SnellConfig, SnellModel
+from peft_sparse.tuners.snell.model import snell_tuners
+
+
+def snella_adapters(model: nn.Module) -> Iterator[tuple[SnellModel, str, SnellConfig]]:
+    """(tuner, adapter name, config) of every active adapter with ``allocation="snella"`` inside ``model``."""
+    for tuner in snell_tuners(model):
+        for adapter_name, config in tuner.peft_config.items():
+            if config.allocation == "snella" and adapter_name in tuner.active_adapters:
+                yield tuner, adapter_name, config
+
+
+class SnellAllocationCallback(TrainerCallback):
+    """Runs SNELLA inside the Trainer (and TRL's SFTTrainer); all budget math lives in ``SnellModel``.
+
+    - Before each optimizer step (gradients present, after clipping): updates the importance EMAs.
+    - After every ``allocation_interval``-th optimizer step: re-splits the scheduled budget.
+    - Logs the current ``snella/budget`` (kept entries, summed over layers), ``snella/mean_sparsity``
+      (over all entries) and, with ``log_layer_sparsity``, ``snella/sparsity/<layer>``
+      (``snella/<adapter>/...`` for adapters other than "default").
+
+    Example:
+        >>> trainer = Trainer(model=peft_model, args=args, train_dataset=ds,
+        ...                   callbacks=[SnellAllocationCallback()])  # doctest: +SKIP
+    """
+
+    def __init__(self, log_layer_sparsity: bool = True) -> None:
+        self.log_layer_sparsity = log_layer_sparsity
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        for tuner, adapter_name, _ in snella_adapters(model):
+            tuner.update_importance(adapter_name)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        for tuner, adapter_name, config in snella_adapters(model):
+            if state.global_step % config.allocation_interval == 0:
+                tuner.allocate(adapter_name, state.global_step, state.max_steps)
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        if logs is None or model is None:
+            return
+        values = {}
+        for tuner, adapter_name, _ in snella_adapters(model):
+            prefix = "snella" if adapter_name == "default" else f"snella/{adapter_name}"
+            layers = dict(tuner.snell_layers(adapter_name))
+            kept = sum(int(layer.snell_num_kept[adapter_name]) for layer in layers.values())
+            values[f"{prefix}/budget"] = kept
+            values[f"{prefix}/mean_sparsity"] = 1 - kept / sum(layer.num_entries for layer in layers.values())
+            if self.log_layer_sparsity:
+                for name, layer in layers.items():
+                    values[f"{prefix}/sparsity/{name}"] = layer.sparsity(adapter_name)
+        logs.update(values)
+        if state.log_history:  # the Trainer appended its copy of `logs` before calling us
+            state.log_history[-1].update(values)
