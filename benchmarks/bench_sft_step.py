@@ -22,11 +22,9 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-import peft
 import peft_sparse  # registers SparseConfig with peft
 import psutil
 import torch
@@ -37,6 +35,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from peft_sparse.sparse.indices import layer_seed, random_unique_indices
 from peft_sparse.sparse.tuner import split_budget
+
+from benchmark_metadata import run_metadata
 
 METHODS = ("lora", "sft", "spiel-style", "full-ft", "shira", "supertuning")
 WORKLOADS = ("smollm2-135m", "linear-4096")
@@ -232,11 +232,6 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def cpu_name() -> str:
-    lines = Path("/proc/cpuinfo").read_text().splitlines()
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
@@ -263,13 +258,7 @@ def main() -> None:
         print(markdown_table(rows))
         all_rows.extend(rows)
 
-    metadata = {
-        "torch": torch.__version__,
-        "peft": peft.__version__,
-        "cpu": cpu_name(),
-        "threads": torch.get_num_threads(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "argv": sys.argv,
+    metadata = run_metadata() | {
         "quick": args.quick,
         "steps": steps,
         "lora_rank": args.lora_rank,
