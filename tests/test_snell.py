@@ -11,7 +11,7 @@ from transformers import Trainer, TrainingArguments
 from peft_sparse import SnellConfig
 from peft_sparse.tuners.snell import SnellLinear
 from peft_sparse.tuners.snell.allocation import ImportanceTracker, allocate_budget, scheduled_budget
-from peft_sparse.tuners.snell.threshold import keep_threshold
+from peft_sparse.tuners.snell.threshold import keep_threshold, split_point
 from tests.conftest import VOCAB_SIZE, make_tiny_gpt2, make_tiny_llama
 from trl_callbacks import SnellAllocationCallback
 from triton_kernels.snell_matmul import (
@@ -95,23 +95,30 @@ def test_linear_kernel_at_sparsity_zero_is_a_lora_delta(input_ids):
 # --- threshold -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape, sparsities", [((37, 53), (0.0, 0.5, 0.9, 0.999)), ((4096, 11008), (0.9,))])
-def test_exact_threshold_keeps_the_requested_count(shape, sparsities):
-    num_out, num_in = shape  # 4096 x 11008 has 45M entries: torch.quantile refuses more than 2^24
-    a, b = random_factors(2, num_in, num_out, 2, dtype=torch.float32)
+def test_exact_threshold_keeps_the_requested_count():
+    a, b = random_factors(2, 53, 37, 2, dtype=torch.float32)
     spec = KernelSpec("distance_diff", 0.1)
-    num_entries = num_out * num_in
-    for sparsity in sparsities:
-        num_kept = num_entries - round(sparsity * num_entries)
+    for sparsity in (0.0, 0.5, 0.9, 0.999):
+        num_kept = 37 * 53 - round(sparsity * 37 * 53)
         tau = keep_threshold(a, b, spec, num_kept, sample_size=None)
-        kept = int((kernel_matrix(a, b, spec).abs() >= tau).sum())
-        assert abs(kept - num_kept) <= 1, (sparsity, kept, num_kept)
+        assert int((kernel_matrix(a, b, spec).abs() >= tau).sum()) == num_kept, sparsity
+
+
+def test_split_point_works_above_the_torch_quantile_limit():
+    values = torch.rand(4096 * 11008, generator=torch.Generator().manual_seed(0))  # 45M > 2^24 entries
+    num_kept = round(0.1 * values.numel())
+    assert abs(int((values >= split_point(values, num_kept)).sum()) - num_kept) <= 1  # +-1: ties in rand()
+
+
+def test_split_point_keeps_every_tie():
+    assert float(split_point(torch.tensor([0.0, 1.0, 1.0, 2.0]), 2)) == 0.5  # both 1.0s kept
+    assert float(split_point(torch.zeros(5), 2)) == 0.0  # the all-zero initial delta keeps everything
 
 
 def test_sampled_threshold_is_within_its_documented_error():
     a, b = random_factors(2, 1000, 700, 4, dtype=torch.float32)
     spec = KernelSpec("rbf", 0.1)
-    num_entries, sample_size, fraction = 700_000, 65536, 0.1
+    num_entries, sample_size, fraction = 700_000, 16384, 0.1
     tau = keep_threshold(a, b, spec, round(fraction * num_entries), sample_size=sample_size, sample_seed=3)
     kept_fraction = float((kernel_matrix(a, b, spec).abs() >= tau).float().mean())
     assert abs(kept_fraction - fraction) < 4 * math.sqrt(fraction * (1 - fraction) / sample_size)

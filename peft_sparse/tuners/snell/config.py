@@ -81,7 +81,7 @@ class SnellConfig(PeftConfig):
         },
     )
     threshold_sample_size: Optional[int] = field(
-        default=65536,
+        default=16384,
         metadata={
             "help": "Estimate each threshold from this many sampled entries (kept fraction off by about "
             "sqrt(q(1-q)/m)); None = exact k-th value over the whole matrix."
