@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 # Triton decides when `triton.language` is imported whether its library functions (tl.sum,
-# tl.zeros, ...) run on its CPU interpreter, and torch imports triton: so import it here, first,
+# tl.zeros, ...) run on its CPU interpreter, and peft imports triton: so import it here, first,
 # with TRITON_INTERPRET=1, then restore the variable. Tests then take the torch path on CPU unless
 # they use the `triton_interpreter` fixture (our kernels read the variable at launch).
 _interpret_setting = os.environ.get("TRITON_INTERPRET")

@@ -111,6 +111,19 @@ def test_without_triton_every_op_falls_back_to_torch():
     assert result.stdout.strip() == "None False [0.0, 2.0, 0.0, 0.0, 3.0, 0.0]"
 
 
+def test_interpreter_requested_after_triton_import_raises_a_clear_error():
+    script = (
+        "import os, peft, torch\n"  # peft imports triton while TRITON_INTERPRET is unset
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "from triton_kernels import sampled_dense_dense_matmul\n"
+        "sampled_dense_dense_matmul(torch.ones(2, 4), torch.ones(4, 3), torch.tensor([0, 1, 1]), torch.tensor([2]))\n"
+    )
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment)
+    assert result.returncode != 0
+    assert "RuntimeError: to run kernels on CPU, set TRITON_INTERPRET=1 before triton is imported" in result.stderr
+
+
 # --- sparse merge -----------------------------------------------------------------------------
 
 

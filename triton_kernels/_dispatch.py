@@ -49,6 +49,9 @@ class lazy_jit:  # noqa: N801  (used as a decorator, like triton.jit)
 
     def __getitem__(self, grid):
         interpret = interpreter_requested()
+        if interpret and not isinstance(tl.sum, triton.runtime.interpreter.InterpretedFunction):
+            # Triton's own library (tl.sum, tl.zeros, ...) was decorated for the GPU at import
+            raise RuntimeError("to run kernels on CPU, set TRITON_INTERPRET=1 before triton is imported (peft imports it)")
         if interpret not in self._compiled:
             self._compiled[interpret] = triton.jit(self.function)
         return self._compiled[interpret][grid]
