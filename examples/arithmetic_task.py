@@ -7,6 +7,7 @@ chat template and the loss on the answer tokens only; scored by exact match of g
 from __future__ import annotations
 
 import importlib.util
+import json
 import random
 import re
 from pathlib import Path
@@ -95,3 +96,40 @@ def evaluate(model, tokenizer, problems: list[tuple[str, int]], batch_size: int 
             match = ANSWER.search(tokenizer.decode(ids, skip_special_tokens=True))
             correct += bool(match) and int(match.group(1)) == answer
     return {"exact_match": correct / len(problems), "answer_loss": sum(losses) / len(losses)}
+
+
+DEFAULT_GENERAL_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
+
+
+def conversational_dataset(problems: list[tuple[str, int]]):
+    """A TRL prompt-completion dataset (chat messages): SFTTrainer puts the loss on the completion only."""
+    from datasets import Dataset
+
+    return Dataset.from_list([
+        {"prompt": [{"role": "user", "content": question}],
+         "completion": [{"role": "assistant", "content": f"The answer is {answer}."}]}
+        for question, answer in problems
+    ])  # fmt: skip
+
+
+def read_general_texts(path: str | Path, count: int = 64) -> list[str]:
+    """The last ``count`` questions of a GSM8K-style ``.jsonl`` file: held-out general text for a forgetting check."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"general text not found at {path}; pass --general-text PATH_TO/train.jsonl")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [json.loads(line)["question"] for line in lines[-count:]]
+
+
+@torch.no_grad()
+def text_loss(model, tokenizer, texts: list[str], batch_size: int = 16) -> float:
+    """Mean next-token loss over all tokens of ``texts`` (padding excluded)."""
+    model.eval()
+    total_loss, total_tokens = 0.0, 0
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        tokens = int((labels[:, 1:] != -100).sum())
+        total_loss += model(**batch, labels=labels).loss.item() * tokens
+        total_tokens += tokens
+    return total_loss / total_tokens
