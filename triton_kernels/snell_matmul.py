@@ -239,63 +239,51 @@ def _sparse_tile(kernel, tau, MAGNITUDE: tl.constexpr):
 
 
 @lazy_jit
-def _forward_kernel(
-    x_ptr, a_ptr, b_ptr, tau_ptr, y_ptr, T, IN, OUT, D, scale, gamma,
-    H: tl.constexpr, KERNEL: tl.constexpr, MAGNITUDE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr,
+def _apply_delta_kernel(
+    inputs_ptr, a_ptr, b_ptr, tau_ptr, outputs_ptr, T, IN, OUT, D, scale, gamma,
+    TRANSPOSED: tl.constexpr, H: tl.constexpr, KERNEL: tl.constexpr, MAGNITUDE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """y[t_block, o_block] = x[t_block, :] @ E[o_block, :]^T, E tiles computed on the fly."""
-    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_o = tl.program_id(1).to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
-    tau = tl.load(tau_ptr)
-    acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
-    for start in range(0, IN, BLOCK_I):
-        offs_i = start + tl.arange(0, BLOCK_I).to(tl.int64)
-        tile = _kernel_tile(
-            a_ptr, b_ptr, offs_i, offs_o, IN, OUT, D, scale, gamma, H, KERNEL, BLOCK_O, BLOCK_I, BLOCK_D
-        )
-        delta = _sparse_tile(tile, tau, MAGNITUDE)
-        x_mask = (offs_t[:, None] < T) & (offs_i[None, :] < IN)
-        x = tl.load(x_ptr + offs_t[:, None] * IN + offs_i[None, :], mask=x_mask, other=0.0).to(tl.float32)
-        acc += tl.dot(x, tl.trans(delta), input_precision="ieee")
-    y_mask = (offs_t[:, None] < T) & (offs_o[None, :] < OUT)
-    tl.store(y_ptr + offs_t[:, None] * OUT + offs_o[None, :], acc, mask=y_mask)
+    """Forward ``y = x @ E^T`` (``TRANSPOSED=False``) or backward ``dx = dy @ E`` (``True``).
 
-
-@lazy_jit
-def _grad_input_kernel(
-    dy_ptr, a_ptr, b_ptr, tau_ptr, dx_ptr, T, IN, OUT, D, scale, gamma,
-    H: tl.constexpr, KERNEL: tl.constexpr, MAGNITUDE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    """dx[t_block, i_block] = dy[t_block, :] @ E[:, i_block]."""
+    A program owns a [BLOCK_T, BLOCK_N] tile of the output and loops over the reduced dimension
+    in steps of BLOCK_N, computing each [BLOCK_N, BLOCK_N] tile of E on the fly.
+    """
+    num_reduced, num_outputs = IN, OUT
+    if TRANSPOSED:
+        num_reduced, num_outputs = OUT, IN
     offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_i = tl.program_id(1).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     tau = tl.load(tau_ptr)
-    acc = tl.zeros((BLOCK_T, BLOCK_I), dtype=tl.float32)
-    for start in range(0, OUT, BLOCK_O):
-        offs_o = start + tl.arange(0, BLOCK_O).to(tl.int64)
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for start in range(0, num_reduced, BLOCK_N):
+        offs_m = start + tl.arange(0, BLOCK_N).to(tl.int64)
+        in_mask = (offs_t[:, None] < T) & (offs_m[None, :] < num_reduced)
+        inputs = tl.load(inputs_ptr + offs_t[:, None] * num_reduced + offs_m[None, :], mask=in_mask, other=0.0)
+        offs_in, offs_out = offs_m, offs_n
+        if TRANSPOSED:
+            offs_in, offs_out = offs_n, offs_m
         tile = _kernel_tile(
-            a_ptr, b_ptr, offs_i, offs_o, IN, OUT, D, scale, gamma, H, KERNEL, BLOCK_O, BLOCK_I, BLOCK_D
+            a_ptr, b_ptr, offs_in, offs_out, IN, OUT, D, scale, gamma, H, KERNEL, BLOCK_N, BLOCK_N, BLOCK_D
         )
-        delta = _sparse_tile(tile, tau, MAGNITUDE)
-        dy_mask = (offs_t[:, None] < T) & (offs_o[None, :] < OUT)
-        dy = tl.load(dy_ptr + offs_t[:, None] * OUT + offs_o[None, :], mask=dy_mask, other=0.0).to(tl.float32)
-        acc += tl.dot(dy, delta, input_precision="ieee")
-    dx_mask = (offs_t[:, None] < T) & (offs_i[None, :] < IN)
-    tl.store(dx_ptr + offs_t[:, None] * IN + offs_i[None, :], acc, mask=dx_mask)
+        delta = _sparse_tile(tile, tau, MAGNITUDE)  # [out block, in block]
+        if not TRANSPOSED:
+            delta = tl.trans(delta)
+        acc += tl.dot(inputs.to(tl.float32), delta, input_precision="ieee")
+    out_mask = (offs_t[:, None] < T) & (offs_n[None, :] < num_outputs)
+    tl.store(outputs_ptr + offs_t[:, None] * num_outputs + offs_n[None, :], acc, mask=out_mask)
 
 
 @lazy_jit
 def _grad_factors_kernel(
     x_ptr, dy_ptr, a_ptr, b_ptr, tau_ptr, da_ptr, db_ptr, T, IN, OUT, D, scale, gamma,
     H: tl.constexpr, KERNEL: tl.constexpr, MAGNITUDE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """One [BLOCK_O, BLOCK_I] tile of dL/dK = mask * (dy^T x), pushed into dA, dB with atomics."""
-    offs_o = tl.program_id(0).to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
-    offs_i = tl.program_id(1).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
-    grad = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+    """One [BLOCK_N, BLOCK_N] tile of dL/dK = mask * (dy^T x), pushed into dA, dB with atomics."""
+    offs_o = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_i = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    grad = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float32)
     for start in range(0, T, BLOCK_T):
         offs_t = start + tl.arange(0, BLOCK_T).to(tl.int64)
         dy_mask = (offs_t[:, None] < T) & (offs_o[None, :] < OUT)
@@ -304,7 +292,7 @@ def _grad_factors_kernel(
         x = tl.load(x_ptr + offs_t[:, None] * IN + offs_i[None, :], mask=x_mask, other=0.0).to(tl.float32)
         grad += tl.dot(tl.trans(dy), x, input_precision="ieee")
     tau = tl.load(tau_ptr)
-    tile = _kernel_tile(a_ptr, b_ptr, offs_i, offs_o, IN, OUT, D, scale, gamma, H, KERNEL, BLOCK_O, BLOCK_I, BLOCK_D)
+    tile = _kernel_tile(a_ptr, b_ptr, offs_i, offs_o, IN, OUT, D, scale, gamma, H, KERNEL, BLOCK_N, BLOCK_N, BLOCK_D)
     absolute = tl.abs(tile)
     if MAGNITUDE:
         grad = grad * absolute
@@ -333,14 +321,14 @@ def _grad_factors_kernel(
         tl.atomic_add(db_ptr + (group * OUT + offs_o[:, None]) * D + offs_d[None, :], grad_b, mask=b_mask)
 
 
-BLOCK_T, BLOCK_O, BLOCK_I = 32, 64, 64  # untuned: no GPU was available when this was written
+BLOCK_T, BLOCK_N = 32, 64  # untuned: no GPU was available when this was written
 
 
 def _launch_constants(input_factors: torch.Tensor, spec: KernelSpec) -> dict:
     groups, _, rank = input_factors.shape
     return dict(
         H=groups, KERNEL=KERNELS.index(spec.name), MAGNITUDE=spec.magnitude,
-        BLOCK_T=BLOCK_T, BLOCK_O=BLOCK_O, BLOCK_I=BLOCK_I, BLOCK_D=max(16, triton.next_power_of_2(rank)),
+        BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(rank)),
     )  # fmt: skip
 
 
@@ -349,14 +337,13 @@ class _TritonSnellMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, input_factors, output_factors, threshold, spec: KernelSpec):
-        a, b = input_factors.contiguous(), output_factors.contiguous()
+        x, a, b = x.contiguous(), input_factors.contiguous(), output_factors.contiguous()
         tokens, (_, num_in, rank), num_out = x.shape[0], a.shape, b.shape[1]
-        x = x.contiguous()
         y = torch.empty(tokens, num_out, dtype=torch.float32, device=x.device)
-        grid = (triton.cdiv(tokens, BLOCK_T), triton.cdiv(num_out, BLOCK_O))
-        _forward_kernel[grid](
+        grid = (triton.cdiv(tokens, BLOCK_T), triton.cdiv(num_out, BLOCK_N))
+        _apply_delta_kernel[grid](
             x, a, b, threshold, y, tokens, num_in, num_out, rank, spec.scale, spec.gamma,
-            **_launch_constants(a, spec),
+            TRANSPOSED=False, **_launch_constants(a, spec),
         )  # fmt: skip
         ctx.save_for_backward(x, a, b, threshold)
         ctx.spec = spec
@@ -371,15 +358,15 @@ class _TritonSnellMatmul(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.empty(tokens, num_in, dtype=torch.float32, device=x.device)
-            grid = (triton.cdiv(tokens, BLOCK_T), triton.cdiv(num_in, BLOCK_I))
-            _grad_input_kernel[grid](
+            grid = (triton.cdiv(tokens, BLOCK_T), triton.cdiv(num_in, BLOCK_N))
+            _apply_delta_kernel[grid](
                 grad_output, a, b, threshold, grad_x, tokens, num_in, num_out, rank, spec.scale, spec.gamma,
-                **constants,
+                TRANSPOSED=True, **constants,
             )  # fmt: skip
             grad_x = grad_x.to(x.dtype)
         grad_a = torch.zeros(a.shape, dtype=torch.float32, device=a.device)
         grad_b = torch.zeros(b.shape, dtype=torch.float32, device=b.device)
-        grid = (triton.cdiv(num_out, BLOCK_O), triton.cdiv(num_in, BLOCK_I))
+        grid = (triton.cdiv(num_out, BLOCK_N), triton.cdiv(num_in, BLOCK_N))
         _grad_factors_kernel[grid](
             x, grad_output, a, b, threshold, grad_a, grad_b, tokens, num_in, num_out, rank, spec.scale, spec.gamma,
             **constants,
