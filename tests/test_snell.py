@@ -1,6 +1,7 @@
-"""SNELL / SNELLA: kernels, threshold, memory-lean gradients, Triton kernels, peft round trips, budgets."""
+"""SNELL / SNELLA: config, kernels, threshold, memory-lean gradients, Triton kernels, peft round trips, budgets."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -52,6 +53,46 @@ def threshold_between_entries(a, b, spec, num_kept):
     """A threshold half-way between two neighbouring |K| values, so no entry sits on it."""
     ordered = kernel_matrix(a, b, spec).abs().flatten().sort(descending=True).values
     return (ordered[num_kept - 1] + ordered[num_kept]) / 2
+
+
+# --- config --------------------------------------------------------------------------------------
+
+BAD_VALUES = [
+    ("r", 0), ("r", 2.0), ("kernel_groups", 0), ("kernel", "cosine"), ("kernel_scale", 0.0), ("rbf_gamma", -1.0),
+    ("sparsity", 1.0), ("sparsity", -0.1), ("sparsity", "0.5"), ("dropout", 1.0), ("magnitude_competition", 1),
+    ("init_weights", None), ("threshold_sample_size", 0), ("target_modules", 5), ("exclude_modules", 7),
+    ("allocation", "adalora"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("field, value", BAD_VALUES)
+def test_bad_value_raises_value_error_naming_the_field_and_the_value(field, value):
+    with pytest.raises(ValueError, match=f"^{field} .*got {re.escape(repr(value))}$"):
+        SnellConfig(**{field: value})
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(r=30, kernel_groups=4), r"r must be a multiple of kernel_groups \(4\), got 30"),
+        (dict(r=33, kernel_groups=3), r"kernel_groups must be even for kernel='distance_diff' \(groups come in"),
+        (dict(magnitude_competition=True), "magnitude_competition=True needs init_weights=False"),
+        (dict(target_sparsity=0.9), "target_sparsity needs allocation='snella'"),
+        (dict(allocation="snella"), "target_sparsity must be set when allocation='snella', got None"),
+        (dict(allocation="snella", target_sparsity=1.5), r"target_sparsity must be in \[0, 1\), got 1.5"),
+        (dict(allocation="snella", target_sparsity=0.9, allocation_interval=0), "allocation_interval must be a pos"),
+        (dict(allocation="snella", target_sparsity=0.9, importance_beta=1.0), r"importance_beta must be in \(0, 1\)"),
+    ],
+)
+def test_inconsistent_settings_are_rejected_at_config_time(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SnellConfig(**kwargs)
+
+
+def test_valid_configs_construct():
+    assert SnellConfig(kernel="linear", kernel_groups=1, r=3).kernel_groups == 1
+    config = SnellConfig(allocation="snella", target_sparsity=0.95, init_weights=False, magnitude_competition=True)
+    assert config.peft_type == "SNELL"
 
 
 # --- kernels ------------------------------------------------------------------------------------
