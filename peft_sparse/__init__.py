@@ -9,14 +9,13 @@ from .registration import register_methods
 register_methods()
 
 from .export import export_sora_to_lora  # noqa: E402
+from .format_version import FORMAT_VERSION, __version__  # noqa: E402
 from .tuners.lift import LiftConfig, LiftModel  # noqa: E402
 from .tuners.snell import SnellConfig, SnellModel  # noqa: E402
 from .tuners.sora import SoraConfig, SoraModel  # noqa: E402
 from .tuners.sparse import SparseConfig, SparseModel  # noqa: E402
 
-__version__ = "0.1.0"
-
 __all__ = [
     "LiftConfig", "LiftModel", "SnellConfig", "SnellModel", "SoraConfig", "SoraModel", "SparseConfig", "SparseModel",
-    "export_sora_to_lora", "__version__",
+    "FORMAT_VERSION", "export_sora_to_lora", "__version__",
 ]

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Iterator, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from ..loading import AllOrNothingTuner
 from .indices import check_index_set
 from .layer import SUPPORTED_BASE_LAYERS, SparseDeltaLayer, SparseDeltaLinear
 from .optimizer_state import remap_optimizer_state
@@ -25,7 +26,7 @@ def split_budget(total: int, sizes: dict[str, int]) -> dict[str, int]:
     return counts
 
 
-class SparseDeltaTuner(BaseTuner):
+class SparseDeltaTuner(AllOrNothingTuner):
     """Shared machinery; subclasses choose initial indices and growth statistics."""
 
     tuner_layer_cls = SparseDeltaLayer
@@ -169,23 +170,12 @@ class SparseDeltaTuner(BaseTuner):
     # --- loading checks ----------------------------------------------------------------------
 
     @classmethod
-    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+    def _check_checkpoint(cls, model, config, adapter_name, state_dict) -> None:
+        """Every layer's indices must be a sorted, duplicate-free set inside its weight (shapes are checked already)."""
         for name, module in model.named_modules():
             if not isinstance(module, SparseDeltaLayer) or adapter_name not in module.delta_values:
                 continue
             indices_key = f"{name}.{module.other_param_names[0]}.{adapter_name}"
-            values_key = f"{name}.{module.adapter_layer_names[0]}.{adapter_name}"
-            if indices_key not in remapped or values_key not in remapped:
-                raise ValueError(f"the adapter checkpoint has no values/indices for layer '{name}'")
-            indices, values = remapped[indices_key], remapped[values_key]
-            expected = module.num_values(adapter_name)
-            if indices.shape != (expected,) or values.shape != (expected,):
-                raise ValueError(
-                    f"layer '{name}': the checkpoint has {tuple(values.shape)} values and "
-                    f"{tuple(indices.shape)} indices, this model's layer expects ({expected},); "
-                    "was the adapter trained on another base model or config?"
-                )
+            indices = state_dict[indices_key]
             check_index_set(indices, module.get_base_layer().weight.numel(), where=f"layer '{name}'")
-            remapped[indices_key] = indices.to(module.delta_indices[adapter_name].dtype)
-        return remapped
+            state_dict[indices_key] = indices.to(module.delta_indices[adapter_name].dtype)

@@ -5,15 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from peft.config import PeftConfig
 from peft.utils.peft_types import PeftType
 
+from ...config_base import PeftSparseConfig
 from ...sparse.principal import SVD_METHODS
 from ..sparse.config import check_choice, check_fraction, check_positive_int, check_target_modules
 
 
 @dataclass
-class LiftConfig(PeftConfig):
+class LiftConfig(PeftSparseConfig):
     """LIFT: train the entries of each target matrix that are largest in its rank-``rank`` approximation.
 
     Budget per matrix [m, n]: either ``density`` (default 0.05) or ``lora_rank_budget`` r_b, the

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from peft.config import PeftConfig
 from peft.utils.peft_types import PeftType
 
 from triton_kernels.snell_matmul import KERNELS
 
+from ...config_base import PeftSparseConfig
 from ..sparse.config import check_choice, check_positive_int, check_target_modules
 
 ALLOCATIONS = ("none", "snella")
@@ -31,7 +31,7 @@ def check_positive_float(name: str, value) -> None:
 
 
 @dataclass
-class SnellConfig(PeftConfig):
+class SnellConfig(PeftSparseConfig):
     """SNELL: a sparse delta ``E = top-|K| entries of K``, ``K[j, i] = sum_h c_h kappa(a_i^h, b_j^h)``.
 
     Each target weight [out, in] gets input factors [groups, in, r / groups] and output factors

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from ...loading import AllOrNothingTuner
 from ...sparse.indices import layer_seed
 from ...sparse.layer import SUPPORTED_BASE_LAYERS
 from .allocation import ImportanceTracker, allocate_budget, scheduled_budget
@@ -16,7 +17,7 @@ from .layer import SnellLayer, SnellLinear, kept_count
 SAMPLE_SEED = 0  # seeds each layer's threshold sample positions, together with the layer's name
 
 
-class SnellModel(BaseTuner):
+class SnellModel(AllOrNothingTuner):
     """SNELL / SNELLA on a transformers model; build it with ``get_peft_model``.
 
     Example:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from peft.config import PeftConfig
 from peft.utils.peft_types import PeftType
 
+from ...config_base import PeftSparseConfig
 from ..sparse.config import check_choice, check_positive_int, check_target_modules
 from .proximal import XI_SCHEDULES, scheduled_xi
 
@@ -23,7 +23,7 @@ def check_number(name: str, value, minimum: float = 0.0, allow_minimum: bool = T
 
 
 @dataclass
-class SoraConfig(PeftConfig):
+class SoraConfig(PeftSparseConfig):
     """SoRA (Ding et al., 2023): ``h = W0 x + (alpha / r) * B (g * (A x))`` with a gate ``g`` [r] per layer.
 
     After every optimizer step ``trl_callbacks.SoraCallback`` soft-thresholds every gate by

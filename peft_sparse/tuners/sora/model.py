@@ -5,16 +5,17 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from ...loading import AllOrNothingTuner
 from ...sparse.layer import SUPPORTED_BASE_LAYERS
 from .config import SoraConfig
 from .layer import SoraLayer, SoraLinear
 from .proximal import soft_threshold_
 
 
-class SoraModel(BaseTuner):
+class SoraModel(AllOrNothingTuner):
     """SoRA of a transformers model; build it with ``get_peft_model(model, SoraConfig(...))``.
 
     Example:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from peft.config import PeftConfig
 from peft.utils.peft_types import PeftType
+
+from ...config_base import PeftSparseConfig
 
 SELECTIONS = ("ag", "ma", "random")
 RATE_SCHEDULES = ("linear", "cosine", "constant")
@@ -37,7 +38,7 @@ def check_target_modules(name: str, value) -> None:
 
 
 @dataclass
-class SparseConfig(PeftConfig):
+class SparseConfig(PeftSparseConfig):
     """Sparse fine-tuning: train ``values`` at a learned set of weight ``indices`` with prune/regrow.
 
     Give either ``density`` (the fraction of every target matrix; default 0.01) or
