@@ -5,6 +5,12 @@ the same number of inactive entries ranked by a growth statistic gathered over a
 accumulation window. A policy is a class with ``observe(left, right)`` (called in
 backward; ``left @ right`` is the dense weight gradient of one micro-batch) and
 ``grow(count)`` (the flat indices to add, never already active).
+
+Under torch.distributed (DDP) each process observes its own micro-batches. The statistics
+are sums over micro-batches, so they are averaged over processes before choosing
+(``process_sums``), which makes every rank grow the same entries; where a choice is made
+inside the window (AG's candidates), the dense gradient is averaged first. ``state_dict``
+/ ``load_state_dict`` carry an open window across a checkpoint.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import torch
 
 from triton_kernels import sampled_dense_dense_matmul, topk_candidates
 
+from .distributed import all_reduce_sum_, world_size
 from .indices import csr_pattern, index_dtype_for
 
 
@@ -23,11 +30,20 @@ class GrowthStatistics(Protocol):
 
     def grow(self, count: int) -> torch.Tensor: ...
 
+    def process_sums(self) -> list[torch.Tensor]:
+        """The tensors that sum over this process's micro-batches (averaged over processes before ``grow``)."""
+        ...
 
-def _inactive_mask(active_indices: torch.Tensor, num_entries: int) -> torch.Tensor:
-    mask = torch.ones(num_entries, dtype=torch.bool, device=active_indices.device)
-    mask[active_indices.long()] = False
-    return mask
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+def _top_inactive(score: torch.Tensor, active_indices: torch.Tensor, count: int) -> torch.Tensor:
+    """Sorted flat positions of the ``count`` largest entries of ``score`` (>= 0, flat; overwritten) outside ``active_indices``."""
+    score[active_indices.long()] = -1.0
+    count = min(count, score.numel() - active_indices.numel())
+    return torch.topk(score, count, sorted=False).indices.sort().values
 
 
 class AccumulatedGradientGrowth:
@@ -47,10 +63,33 @@ class AccumulatedGradientGrowth:
         if self.candidates is not None:
             self.accumulated += sampled_dense_dense_matmul(left, right, self._crow, self._col)
             return
-        # the window's first micro-batch: a dense product (on CUDA scanned tile by tile, never stored)
-        candidates, self.accumulated = topk_candidates(left, right, self.active_indices, self.num_candidates)
-        self.candidates = candidates.to(index_dtype_for(left.shape[0] * right.shape[1]))
+        if world_size() == 1:
+            # the window's first micro-batch: a dense product (on CUDA scanned tile by tile, never stored)
+            candidates, self.accumulated = topk_candidates(left, right, self.active_indices, self.num_candidates)
+            self._set_candidates(candidates)
+            return
+        # every rank must pick the same candidates: from the gradient summed over ranks (one dense
+        # all-reduce per matrix and window), while each rank accumulates its own share at them
+        gradient = all_reduce_sum_(left.float() @ right.float())
+        self._set_candidates(_top_inactive(gradient.abs_().view(-1), self.active_indices, self.num_candidates))
+        self.accumulated = sampled_dense_dense_matmul(left, right, self._crow, self._col)
+
+    def _set_candidates(self, candidates: torch.Tensor) -> None:
+        self.candidates = candidates.to(index_dtype_for(self.weight_shape[0] * self.weight_shape[1]))
         self._crow, self._col = csr_pattern(self.candidates, self.weight_shape)
+
+    def process_sums(self) -> list[torch.Tensor]:
+        return [] if self.accumulated is None else [self.accumulated]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.candidates is None:
+            return {}
+        return {"candidates": self.candidates, "accumulated": self.accumulated}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            self._set_candidates(state["candidates"].to(self.active_indices.device))
+            self.accumulated = state["accumulated"].to(self.active_indices.device, torch.float32)
 
     def grow(self, count: int) -> torch.Tensor:
         if self.candidates is None:
@@ -78,13 +117,25 @@ class MomentumApproximationGrowth:
         self.col_statistics += squared.sum(0)
         self.observed = True
 
+    def process_sums(self) -> list[torch.Tensor]:
+        return [self.row_statistics, self.col_statistics] if self.observed else []
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if not self.observed:
+            return {}
+        return {"row_statistics": self.row_statistics, "col_statistics": self.col_statistics}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            self.row_statistics.copy_(state["row_statistics"])
+            self.col_statistics.copy_(state["col_statistics"])
+            self.observed = True
+
     def grow(self, count: int) -> torch.Tensor:
         if not self.observed:
             return torch.empty(0, dtype=self.active_indices.dtype, device=self.active_indices.device)
         score = torch.outer(self.row_statistics, self.col_statistics).view(-1)
-        score.masked_fill_(~_inactive_mask(self.active_indices, score.numel()), -1.0)
-        count = min(count, score.numel() - self.active_indices.numel())
-        return torch.topk(score, count, sorted=False).indices.to(self.active_indices.dtype)
+        return _top_inactive(score, self.active_indices, count).to(self.active_indices.dtype)
 
 
 def smallest_magnitude_positions(values: torch.Tensor, count: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..loading import AllOrNothingTuner
+from .distributed import all_reduce_mean_
 from .indices import check_index_set
 from .layer import SUPPORTED_BASE_LAYERS, SparseDeltaLayer, SparseDeltaLinear
 from .optimizer_state import remap_optimizer_state
@@ -116,6 +117,38 @@ class SparseDeltaTuner(AllOrNothingTuner):
     def selection_window_open(self, adapter_name: str) -> bool:
         return adapter_name in self._window_statistics
 
+    def synchronize_selection_statistics(self, adapter_name: str) -> None:
+        """Average the open window's statistics over processes (DDP), so every rank holds the same.
+
+        Sums over the window stay exact: every rank continues from the average, and the
+        average is taken again before choosing. A no-op in a single process.
+        """
+        window = self._window_statistics.get(adapter_name, {})
+        all_reduce_mean_([tensor for statistics in window.values() for tensor in statistics.process_sums()])
+
+    def selection_state(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The open window's statistics as flat tensors ``{"<layer>.<name>": tensor}`` (for checkpoints)."""
+        window = self._window_statistics.get(adapter_name, {})
+        return {
+            f"{layer_name}.{key}": tensor
+            for layer_name, statistics in window.items()
+            for key, tensor in statistics.state_dict().items()
+        }
+
+    def load_selection_state(self, adapter_name: str, state: dict[str, torch.Tensor]) -> None:
+        """Re-open the selection window with statistics from ``selection_state`` (resuming from a checkpoint)."""
+        self.open_selection_window(adapter_name)
+        per_layer: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in state.items():
+            layer_name, name = key.rsplit(".", 1)
+            per_layer.setdefault(layer_name, {})[name] = tensor
+        window = self._window_statistics[adapter_name]
+        unknown = sorted(set(per_layer) - set(window))
+        if unknown:
+            raise ValueError(f"selection statistics for layers this adapter does not have: {unknown[:3]}")
+        for layer_name, statistics in window.items():
+            statistics.load_state_dict(per_layer.get(layer_name, {}))
+
     def _replacement(
         self,
         config,
@@ -145,6 +178,7 @@ class SparseDeltaTuner(AllOrNothingTuner):
         Returns ``{"density": ..., "churn": ...}`` over all layers of the adapter.
         """
         config = self.peft_config[adapter_name]
+        self.synchronize_selection_statistics(adapter_name)
         window = self._window_statistics.pop(adapter_name, {})
         total_values = total_entries = total_replaced = 0
         for name, layer in self.sparse_delta_layers():

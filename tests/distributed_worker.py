@@ -1,0 +1,54 @@
+"""One rank of the multi-process test: ``torchrun --standalone --nproc_per_node 2 tests/distributed_worker.py OUT_DIR METHOD...``.
+
+For each METHOD (a key of ``METHODS``) trains a tiny model with the Trainer (DDP, gloo on CPU),
+then writes this rank's adapter tensors to ``OUT_DIR/<METHOD>-rank<r>.safetensors``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from peft import get_peft_model, get_peft_model_state_dict  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from transformers import Trainer  # noqa: E402
+
+from peft_sparse import LiftConfig, SnellConfig, SoraConfig, SparseConfig  # noqa: E402
+from tests.conftest import make_tiny_llama  # noqa: E402
+from tests.test_trainer import repeating_sequences, training_args  # noqa: E402
+from trl_callbacks import SnellAllocationCallback, SoraCallback, SparseUpdateCallback  # noqa: E402
+
+# (config, callback class); every selection method changes its indices within `train`'s 6 steps
+METHODS = {
+    "sparse-ag": (lambda: SparseConfig(density=0.1, selection="ag", reselection_steps=4, selection_accumulation_steps=2), SparseUpdateCallback),
+    "sparse-ma": (lambda: SparseConfig(density=0.1, selection="ma", reselection_steps=4, selection_accumulation_steps=2), SparseUpdateCallback),
+    "lift": (lambda: LiftConfig(density=0.1, rank=4, mask_update_interval=3), SparseUpdateCallback),
+    "sora": (lambda: SoraConfig(r=4, xi_schedule="linear", xi_start=0.01, xi_end=0.5), SoraCallback),
+    "snella": (lambda: SnellConfig(r=4, allocation="snella", sparsity=0.2, target_sparsity=0.8, allocation_interval=2), SnellAllocationCallback),
+}  # fmt: skip
+
+
+def train(method: str, out_dir: str, per_device_train_batch_size: int = 2) -> torch.nn.Module:
+    """6 optimizer steps of 2 micro-batches each; returns the trained PeftModel."""
+    make_config, callback = METHODS[method]
+    model = get_peft_model(make_tiny_llama(), make_config())
+    args = training_args(
+        out_dir, max_steps=6, per_device_train_batch_size=per_device_train_batch_size,
+        gradient_accumulation_steps=2, learning_rate=5e-2,
+    )  # fmt: skip
+    Trainer(model=model, args=args, train_dataset=repeating_sequences(32), callbacks=[callback()]).train()
+    return model
+
+
+def main(out_dir: str, methods: list[str]) -> None:
+    for method in methods:
+        model = train(method, os.path.join(out_dir, method))
+        state = {name: tensor.contiguous() for name, tensor in get_peft_model_state_dict(model).items()}
+        save_file(state, os.path.join(out_dir, f"{method}-rank{torch.distributed.get_rank()}.safetensors"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])

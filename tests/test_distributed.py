@@ -1,0 +1,52 @@
+"""Multi-process training: 2 CPU processes (torchrun, gloo) under the Trainer's DDP end with identical adapters."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import get_peft_model, get_peft_model_state_dict
+from safetensors.torch import load_file
+
+from tests.conftest import make_tiny_llama
+from tests.distributed_worker import METHODS, train
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+
+
+@pytest.fixture(scope="module")
+def ddp_adapters(tmp_path_factory) -> Path:
+    """Runs every method of the worker once in 2 processes (one launch: interpreter start-up dominates)."""
+    out_dir = tmp_path_factory.mktemp("ddp")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(WORKER), str(out_dir), *METHODS]  # fmt: skip
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out_dir
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_ranks_end_with_byte_identical_adapters(ddp_adapters, method):
+    rank0 = (ddp_adapters / f"{method}-rank0.safetensors").read_bytes()
+    rank1 = (ddp_adapters / f"{method}-rank1.safetensors").read_bytes()
+    assert rank0 == rank1
+
+
+@pytest.mark.parametrize("method", ["sparse-ag", "sparse-ma", "lift"])
+def test_selection_steps_changed_the_indices(ddp_adapters, method):
+    initial = get_peft_model_state_dict(get_peft_model(make_tiny_llama(), METHODS[method][0]()))
+    trained = load_file(ddp_adapters / f"{method}-rank0.safetensors")
+    indices = [key for key in initial if key.endswith("_indices")]
+    assert len(indices) == 14
+    assert sum(int((~torch.isin(trained[key], initial[key])).sum()) for key in indices) > 0
+
+
+def test_accumulated_gradient_selection_matches_one_process_with_the_global_batch(ddp_adapters, tmp_path):
+    """AG averages its statistics over ranks, so 2 x 2 samples pick what 1 x 4 samples pick."""
+    single = get_peft_model_state_dict(train("sparse-ag", str(tmp_path), per_device_train_batch_size=4))
+    distributed = load_file(ddp_adapters / "sparse-ag-rank0.safetensors")
+    for key in [key for key in single if key.endswith("_indices")]:
+        assert torch.equal(distributed[key], single[key]), key
