@@ -2,7 +2,8 @@
 
 peft changes the base model in place (swaps target modules for adapter layers, freezes its
 parameters) *before* it reads the checkpoint. Our tuners snapshot the module tree first and put it
-back when injection fails, or when the checkpoint that follows does not fit the model.
+back when injection fails, or when the checkpoint that follows does not fit the model. A safe
+merge checks every layer before merging any (peft merges layer by layer).
 """
 
 from __future__ import annotations
@@ -70,8 +71,9 @@ def _holds_adapter(layer: BaseTunerLayer, adapter_name: str) -> bool:
     return any(adapter_name in getattr(layer, name, {}) for name in layer.adapter_layer_names)
 
 
-def _display(key: str) -> str:
-    return key.removeprefix(PEFT_KEY_PREFIX)
+def _display(key: str, adapter_name: str) -> str:
+    """``base_model.model.<module>.<attribute>.<adapter>`` -> ``<module>.<attribute>``."""
+    return key.removeprefix(PEFT_KEY_PREFIX).removesuffix(f".{adapter_name}")
 
 
 def check_checkpoint_tensors(
@@ -89,7 +91,8 @@ def check_checkpoint_tensors(
     if missing:
         raise ValueError(
             f"the adapter checkpoint has no tensor for {len(missing)} adapter weight(s) of this model, e.g. "
-            f"'{_display(missing[0])}'; was the adapter trained on another base model or with other target_modules?"
+            f"'{_display(missing[0], adapter_name)}'; was the adapter trained on another base model or with other "
+            "target_modules?"
         )
     unexpected = sorted(
         key
@@ -99,13 +102,13 @@ def check_checkpoint_tensors(
     if unexpected:
         raise ValueError(
             f"the adapter checkpoint has {len(unexpected)} tensor(s) for modules this model does not have, e.g. "
-            f"'{_display(unexpected[0])}'; was the adapter trained on another base model?"
+            f"'{_display(unexpected[0], adapter_name)}'; was the adapter trained on another base model?"
         )
     for key in sorted(expected):
         saved, wanted = tuple(checkpoint[key].shape), tuple(model_state[key].shape)
         if saved != wanted:
             raise ValueError(
-                f"'{_display(key)}': the checkpoint has shape {saved}, this model expects {wanted}; "
+                f"'{_display(key, adapter_name)}': the checkpoint has shape {saved}, this model expects {wanted}; "
                 "was the adapter trained on another base model or config?"
             )
 
@@ -130,6 +133,31 @@ class AllOrNothingTuner(BaseTuner):
         # set by PeftSparseConfig.from_pretrained: a checkpoint load follows, which may still fail
         if self.peft_config[adapter_name].__dict__.pop("_awaits_checkpoint", False):
             self._snapshots_before_checkpoint[adapter_name] = snapshot
+
+    @torch.no_grad()
+    def _check_finite(self, adapter_names: Optional[list[str]]) -> None:
+        """Raise before a safe merge touches any layer (peft checks layer by layer, after merging earlier ones)."""
+        for adapter_name in adapter_names or self.active_adapters:
+            for module in self.model.modules():
+                if not isinstance(module, BaseTunerLayer) or not _holds_adapter(module, adapter_name):
+                    continue
+                tensors = (getattr(module, name)[adapter_name] for name in module.adapter_layer_names)
+                if not all(torch.isfinite(tensor).all() for tensor in tensors):
+                    raise ValueError(
+                        f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken"
+                    )
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        if safe_merge:
+            self._check_finite(adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(self, merge: bool = True, safe_merge: bool = False, adapter_names=None, **kwargs):
+        if merge and safe_merge:
+            self._check_finite(adapter_names)
+        return super()._unload_and_optionally_merge(
+            merge=merge, safe_merge=safe_merge, adapter_names=adapter_names, **kwargs
+        )
 
     @classmethod
     def _check_checkpoint(cls, model: nn.Module, config, adapter_name: str, state_dict: dict) -> None:
