@@ -1,4 +1,4 @@
-"""What every peft_sparse config shares: version stamps, and a check of the adapter file before peft touches the model."""
+"""What every peft_sparse config shares: version stamps, and a check of the adapter file before loading."""
 
 from __future__ import annotations
 

@@ -37,7 +37,8 @@ def _number(value: float) -> str:
 
 def card_section(summary: AdapterSummary, metrics: dict[str, float], repo_id: str) -> str:
     """The markdown of the peft_sparse section (without its marker comments)."""
-    auto_class = AUTO_CLASSES.get(str(getattr(summary.config.task_type, "value", summary.config.task_type)), "AutoPeftModel")
+    task_type = getattr(summary.config.task_type, "value", summary.config.task_type)
+    auto_class = AUTO_CLASSES.get(str(task_type), "AutoPeftModel")
     lines = ["## peft-sparse adapter", "", "| | |", "|---|---|"]
     lines += [f"| {name} | {value} |" for name, value in overview(summary).items()]
     lines += [

@@ -22,10 +22,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .loading import PEFT_KEY_PREFIX, check_adapter_weights_file
+from .sparse.layer import SparseDeltaLinear
 from .tuners.lift import LiftDeltaLinear
 from .tuners.snell.layer import SnellLayer
 from .tuners.sora.layer import SoraLayer
-from .sparse.layer import SparseDeltaLinear
 
 Shape = tuple[int, int]
 
@@ -86,7 +86,8 @@ def _sparse_delta_layer(name: str, tensors: dict[str, torch.Tensor], layer_cls: 
 
 
 def _sora_layer(name: str, tensors: dict[str, torch.Tensor]) -> LayerSummary:
-    weight_a, weight_b, gate = (tensors[attribute] for attribute in SoraLayer.adapter_layer_names)  # [r, in], [out, r], [r]
+    # A [r, in], B [out, r], gate [r]
+    weight_a, weight_b, gate = (tensors[attribute] for attribute in SoraLayer.adapter_layer_names)
     return LayerSummary(
         name,
         trainable=weight_a.numel() + weight_b.numel() + gate.numel(),
@@ -181,7 +182,7 @@ def base_weight_shapes(base_model_dir: Union[str, Path]) -> dict[str, Shape]:
 
 
 def model_weight_shapes(model: nn.Module) -> dict[str, Shape]:
-    """``{module name: weight shape}`` of every adapted layer of a live PeftModel (names without ``base_model.model.``)."""
+    """``{module name: weight shape}`` of every adapted layer of a live PeftModel (without ``base_model.model.``)."""
     shapes = {}
     for name, module in model.named_modules():
         if isinstance(module, BaseTunerLayer):
@@ -206,7 +207,7 @@ def _shape_text(shape: Optional[Shape]) -> str:
 _SPARSE_COLUMNS = (
     ("values (k)", lambda layer: f"{layer.kept:,}"),
     ("density", lambda layer: _percent(layer.density)),
-    ("index range", lambda layer: "-" if layer.index_range is None else f"{layer.index_range[0]}..{layer.index_range[1]}"),
+    ("index range", lambda layer: "-" if layer.index_range is None else "{}..{}".format(*layer.index_range)),
 )
 COLUMNS = {
     "SPARSE": _SPARSE_COLUMNS,

@@ -25,7 +25,9 @@ def load_log_history(source: Union[LogHistory, str, Path]) -> LogHistory:
     if path.is_dir():
         path = path / TRAINER_STATE_NAME
     if not path.is_file():
-        raise ValueError(f"log_history must be a list, a {TRAINER_STATE_NAME} file or a folder with one, got '{source}'")
+        raise ValueError(
+            f"log_history must be a list, a {TRAINER_STATE_NAME} file or a folder with one, got '{source}'"
+        )
     return json.loads(path.read_text())["log_history"]
 
 

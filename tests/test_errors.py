@@ -213,7 +213,12 @@ ROWS = [
         other_base_shape_message("lift_indices", "(205,)", "(154,)"),
         other_base_shape("lift"),
     ),
-    ("other-base-shape-sora", ValueError, other_base_shape_message("sora_B", "(64, 2)", "(48, 2)"), other_base_shape("sora")),
+    (
+        "other-base-shape-sora",
+        ValueError,
+        other_base_shape_message("sora_B", "(64, 2)", "(48, 2)"),
+        other_base_shape("sora"),
+    ),
     (
         "other-base-shape-snell",
         ValueError,
@@ -289,7 +294,10 @@ def state_of(model: torch.nn.Module) -> dict:
     """Everything a failed call must leave alone: module types, parameter bits, requires_grad, peft attributes."""
     return {
         "types": [(name, type(module)) for name, module in model.named_modules()],
-        "bits": {name: tensor.detach().clone().contiguous().view(torch.uint8) for name, tensor in model.state_dict().items()},
+        "bits": {
+            name: tensor.detach().clone().contiguous().view(torch.uint8)
+            for name, tensor in model.state_dict().items()
+        },
         "requires_grad": {name: parameter.requires_grad for name, parameter in model.named_parameters()},
         "peft_config": hasattr(model, "peft_config"),
     }

@@ -83,7 +83,8 @@ def test_push_to_hub_uploads_adapter_and_model_card(tmp_path, base_dir, offline_
     assert [call[:2] for call in offline_hub] == [("create_repo", "me/tiny-sft"), ("upload_folder", "me/tiny-sft")]
     assert offline_hub[0][2]["private"] is True
     remote = tmp_path / "remote"
-    assert sorted(path.name for path in remote.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    files = sorted(path.name for path in remote.iterdir())
+    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     saved_config = json.loads((remote / "adapter_config.json").read_text())
     assert (saved_config["peft_type"], saved_config["format_version"]) == ("SPARSE", FORMAT_VERSION)
     assert saved_config["peft_sparse_version"] == __version__
@@ -115,7 +116,9 @@ def test_push_to_hub_uploads_adapter_and_model_card(tmp_path, base_dir, offline_
     torch.testing.assert_close(logits_of(reloaded, input_ids), expected, rtol=0, atol=1e-5)
 
 
-def test_stock_push_to_hub_uploads_our_adapter_with_the_hub_card(tmp_path, base_dir, offline_hub, monkeypatch, input_ids):
+def test_stock_push_to_hub_uploads_our_adapter_with_the_hub_card(
+    tmp_path, base_dir, offline_hub, monkeypatch, input_ids
+):
     # transformers' push_to_hub saves, then overwrites README.md with the card it found on the Hub
     hub_card = ModelCard.from_template(ModelCardData(), model_description="card already on the Hub")
     monkeypatch.setattr(transformers.utils.hub, "create_and_tag_model_card", lambda *args, **kwargs: hub_card)
