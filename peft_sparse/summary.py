@@ -241,19 +241,15 @@ def layer_table(summary: AdapterSummary) -> str:
 def budget_text(summary: AdapterSummary) -> str:
     """One line on how much the adapter can change, e.g. ``density 0.01 of each target matrix, selection 'ag'``."""
     config, method = summary.config, summary.method
-    if method == "SPARSE":
-        budget = (
-            f"density {config.density:g} of each target matrix"
-            if config.density is not None
-            else f"{config.num_tunable_weights:,} weights over all target matrices"
-        )
-        return f"{budget}; selection '{config.selection}'"
-    if method == "LIFT":
-        budget = (
-            f"density {config.density:g} of each target matrix"
-            if config.density is not None
-            else f"as many weights per matrix as LoRA rank {config.lora_rank_budget}"
-        )
+    if method in ("SPARSE", "LIFT"):
+        if config.density is not None:
+            budget = f"density {config.density:g} of each target matrix"
+        elif method == "SPARSE":
+            budget = f"{config.num_tunable_weights:,} weights over all target matrices"
+        else:
+            budget = f"as many weights per matrix as LoRA rank {config.lora_rank_budget}"
+        if method == "SPARSE":
+            return f"{budget}; selection '{config.selection}'"
         return f"{budget}; principal weights of the rank-{config.rank} approximation"
     if method == "SORA":
         live = sum(layer.live_rank for layer in summary.layers)

@@ -11,8 +11,9 @@ import torch
 from peft import get_peft_model
 from safetensors.torch import load_file
 
-from peft_sparse import SnellConfig, SoraConfig, SparseConfig
+from peft_sparse import LiftConfig, SnellConfig, SoraConfig, SparseConfig
 from peft_sparse.cli import main
+from peft_sparse.summary import AdapterSummary, budget_text
 from tests.conftest import make_tiny_llama
 
 TARGETS = ["q_proj", "up_proj"]
@@ -122,3 +123,22 @@ def test_module_entry_point_writes_the_plot(tmp_path, saved, monkeypatch, capsys
     assert exited.value.code == 0
     assert f"plot written to {out}" in capsys.readouterr().out
     assert png_size(out)[0] == 700
+
+
+@pytest.mark.parametrize(
+    "config, expected",
+    [
+        (SparseConfig(num_tunable_weights=500), "500 weights over all target matrices; selection 'ag'"),
+        (
+            LiftConfig(lora_rank_budget=8, rank=4),
+            "as many weights per matrix as LoRA rank 8; principal weights of the rank-4 approximation",
+        ),
+        (
+            SnellConfig(allocation="snella", target_sparsity=0.95),
+            "rank 32, kernel 'distance_diff', sparsity 0.9 -> 0.95 on average (SNELLA)",
+        ),
+    ],
+    ids=["sft-count", "lift-lora-budget", "snella"],
+)
+def test_budget_text_of_other_budgets(config, expected):
+    assert budget_text(AdapterSummary(config, layers=[])) == expected
