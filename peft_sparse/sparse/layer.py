@@ -21,6 +21,7 @@ from transformers.pytorch_utils import Conv1D
 
 from triton_kernels import scatter_assign
 
+from ..quantization import delta_dtype, dequantized_weight, quantization_of, weight_matrix_shape
 from .gradient import GradientObserver, MergedSparseDeltaLinear, SparseDeltaBinding
 from .indices import check_index_set, csr_pattern
 
@@ -82,13 +83,18 @@ class SparseDeltaLayer(BaseTunerLayer):
 
     @property
     def weight_shape(self) -> tuple[int, int]:
-        """Shape of the base weight as stored ([out, in] for Linear, [in, out] for Conv1D)."""
-        return tuple(self.get_base_layer().weight.shape)
+        """Shape of the base weight as stored ([out, in] for Linear and bitsandbytes layers, [in, out] for Conv1D)."""
+        return weight_matrix_shape(self.get_base_layer())
+
+    @property
+    def num_entries(self) -> int:
+        rows, cols = self.weight_shape
+        return rows * cols
 
     def update_layer(self, adapter_name: str, indices: torch.Tensor, inference_mode: bool = False) -> None:
         """Add adapter ``adapter_name`` with trainable zeros at the sorted flat ``indices`` [k]."""
         weight = self.get_base_layer().weight
-        check_index_set(indices, weight.numel(), where=f"adapter '{adapter_name}'")
+        check_index_set(indices, self.num_entries, where=f"adapter '{adapter_name}'")
         values_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
         self.delta_values[adapter_name] = nn.Parameter(torch.zeros(indices.numel(), dtype=values_dtype))
         self.delta_indices[adapter_name] = indices.clone()
@@ -99,16 +105,19 @@ class SparseDeltaLayer(BaseTunerLayer):
         return self.delta_values[adapter_name].numel()
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """The dense delta of one adapter, shaped like the base weight."""
+        """The dense delta of one adapter, shaped like the base weight (fp32 on a quantized base)."""
         weight = self.get_base_layer().weight
-        delta = torch.zeros(weight.numel(), dtype=torch.float32, device=weight.device)
+        delta = torch.zeros(self.num_entries, dtype=torch.float32, device=weight.device)
         delta[self.delta_indices[adapter_name].long()] = self.delta_values[adapter_name].detach().float()
-        return delta.view_as(weight).to(weight.dtype)
+        return delta.view(self.weight_shape).to(delta_dtype(self.get_base_layer()))
 
     @torch.no_grad()
     def effective_weight(self, adapter_name: str) -> torch.Tensor:
-        """``W0 + delta`` of one adapter with its current values, as a new fp32 tensor shaped like the weight."""
-        weight = self.get_base_layer().weight.detach().float().clone().view(-1)
+        """``W0 + delta`` of one adapter with its current values, as a new fp32 tensor shaped like the weight.
+
+        On a quantized base ``W0`` is dequantized for the call (transient: one matrix at a time).
+        """
+        weight = dequantized_weight(self.get_base_layer()).clone().view(-1)
         for written in reversed(self._written.values()):  # last-in first-out, as in _sync_written
             weight[written.indices.long()] = written.base_values.float()
         indices = self.delta_indices[adapter_name].long()
@@ -234,7 +243,7 @@ class SparseDeltaLayer(BaseTunerLayer):
         )
         order = torch.argsort(merged_indices)
         new_indices, source_positions = merged_indices[order], merged_sources[order]
-        check_index_set(new_indices, self.get_base_layer().weight.numel(), where=f"adapter '{adapter_name}'")
+        check_index_set(new_indices, self.num_entries, where=f"adapter '{adapter_name}'")
         new_values = torch.where(source_positions >= 0, values[source_positions.clamp(min=0)], 0.0)
         values.copy_(new_values)
         indices.copy_(new_indices)
@@ -253,6 +262,11 @@ class SparseDeltaLinear(nn.Module, SparseDeltaLayer):
     def __init__(self, base_layer: nn.Module, adapter_name: str, indices: torch.Tensor) -> None:
         super().__init__()
         SparseDeltaLayer.__init__(self, base_layer)
+        if quantization_of(self.get_base_layer()) is not None:
+            raise ValueError(
+                f"a bitsandbytes {type(self.get_base_layer()).__name__} cannot hold the delta in place; "
+                "use QuantizedSparseDeltaLinear (get_peft_model picks it for quantized layers)"
+            )
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, indices)
 

@@ -10,9 +10,11 @@ from torch import nn
 
 from ..loading import AllOrNothingTuner
 from .distributed import all_reduce_mean_
+from ..quantization import quantization_of, weight_matrix_shape
 from .indices import check_index_set
 from .layer import SUPPORTED_BASE_LAYERS, SparseDeltaLayer, SparseDeltaLinear
 from .optimizer_state import remap_optimizer_state
+from .quantized_layer import QuantizedSparseDeltaLinear
 from .selection import GrowthStatistics, smallest_magnitude_positions
 
 
@@ -32,6 +34,8 @@ class SparseDeltaTuner(AllOrNothingTuner):
 
     tuner_layer_cls = SparseDeltaLayer
     delta_layer_cls: type[SparseDeltaLinear] = SparseDeltaLinear
+    # bitsandbytes 4-bit/8-bit bases: the delta is a sparse term instead of merged in place
+    quantized_layer_cls: type[QuantizedSparseDeltaLinear] = QuantizedSparseDeltaLinear
     target_module_mapping: dict[str, list[str]] = {}
 
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
@@ -60,7 +64,8 @@ class SparseDeltaTuner(AllOrNothingTuner):
         for name, module in self.model.named_modules():
             base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
             if isinstance(base, SUPPORTED_BASE_LAYERS) and self._check_target_module_exists(config, name):
-                sizes[name] = base.weight.numel()
+                rows, cols = weight_matrix_shape(base)
+                sizes[name] = rows * cols
         return sizes
 
     def _num_values(self, config, adapter_name: str, module_name: str, num_entries: int) -> int:
@@ -83,12 +88,14 @@ class SparseDeltaTuner(AllOrNothingTuner):
                 f"target module '{current_key}' is a {type(base).__name__}; {type(config).__name__} supports "
                 f"torch.nn.Linear and transformers Conv1D. Change target_modules to leave it out."
             )
-        count = self._num_values(config, adapter_name, current_key, base.weight.numel())
+        rows, cols = weight_matrix_shape(base)
+        count = self._num_values(config, adapter_name, current_key, rows * cols)
         indices = self._initial_indices(config, base, count, current_key).to(base.weight.device)
-        if isinstance(target, self.delta_layer_cls):
+        layer_cls = self.quantized_layer_cls if quantization_of(base) is not None else self.delta_layer_cls
+        if isinstance(target, layer_cls):
             target.update_layer(adapter_name, indices)
             return
-        new_module = self.delta_layer_cls(target, adapter_name, indices)
+        new_module = layer_cls(target, adapter_name, indices)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -187,7 +194,7 @@ class SparseDeltaTuner(AllOrNothingTuner):
             layer.gradient_observers.pop(adapter_name, None)
             values = layer.delta_values[adapter_name]
             total_values += values.numel()
-            total_entries += layer.get_base_layer().weight.numel()
+            total_entries += layer.num_entries
             replacement = self._replacement(config, name, layer, adapter_name, reselection_rate, window.get(name))
             if replacement is None:
                 continue
@@ -211,5 +218,5 @@ class SparseDeltaTuner(AllOrNothingTuner):
                 continue
             indices_key = f"{name}.{module.other_param_names[0]}.{adapter_name}"
             indices = state_dict[indices_key]
-            check_index_set(indices, module.get_base_layer().weight.numel(), where=f"layer '{name}'")
+            check_index_set(indices, module.num_entries, where=f"layer '{name}'")
             state_dict[indices_key] = indices.to(module.delta_indices[adapter_name].dtype)

@@ -8,13 +8,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ...quantization import dequantized_weight, weight_matrix_shape
 from ...sparse.indices import layer_seed
 from ...sparse.layer import SparseDeltaLayer
 from ...sparse.principal import principal_weight_indices
 from ...sparse.selection import GrowthStatistics
 from ...sparse.tuner import SparseDeltaTuner
 from .config import LiftConfig
-from .layer import LiftDeltaLinear
+from .layer import LiftDeltaLinear, QuantizedLiftDeltaLinear
 
 
 class LiftModel(SparseDeltaTuner):
@@ -22,6 +23,9 @@ class LiftModel(SparseDeltaTuner):
 
     Masks are chosen layer by layer (peak extra memory: about one matrix in fp32), with a progress
     bar. Loading a saved adapter for inference skips the SVDs: its indices come from the checkpoint.
+    On a bitsandbytes 4-bit/8-bit base the SVD needs the weight, so each matrix is dequantized for its
+    own selection (and for each mask refresh) and freed right after; training keeps only the
+    quantized weight and applies the delta as a sparse term.
 
     Example:
         >>> import peft_sparse
@@ -31,6 +35,7 @@ class LiftModel(SparseDeltaTuner):
 
     prefix: str = "lift_"
     delta_layer_cls = LiftDeltaLinear
+    quantized_layer_cls = QuantizedLiftDeltaLinear
 
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
         self._selection_progress: Optional[tqdm] = None
@@ -39,9 +44,9 @@ class LiftModel(SparseDeltaTuner):
     def _num_values(self, config: LiftConfig, adapter_name: str, module_name: str, num_entries: int) -> int:
         return config.count_for(tuple(self._weight_matrix_shape(module_name)))
 
-    def _weight_matrix_shape(self, module_name: str) -> torch.Size:
+    def _weight_matrix_shape(self, module_name: str) -> tuple[int, int]:
         module = self.model.get_submodule(module_name)
-        return (module.get_base_layer() if hasattr(module, "get_base_layer") else module).weight.shape
+        return weight_matrix_shape(module.get_base_layer() if hasattr(module, "get_base_layer") else module)
 
     def _post_injection_hook(self, model: nn.Module, config: LiftConfig, adapter_name: str) -> None:
         if self._selection_progress is not None:
@@ -65,7 +70,8 @@ class LiftModel(SparseDeltaTuner):
         if self._selection_progress is None:  # created here: target_modules are resolved by now
             total = len(self._matched_weight_sizes(config))
             self._selection_progress = tqdm(total=total, desc="LIFT: selecting principal weights", unit="matrix")
-        indices = self._select(config, base_layer.weight, count, module_name)
+        # a 4-bit/8-bit weight is dequantized for its SVD only, one matrix at a time
+        indices = self._select(config, dequantized_weight(base_layer), count, module_name)
         self._selection_progress.update()
         return indices
 

@@ -19,6 +19,7 @@ from transformers.pytorch_utils import Conv1D
 
 from triton_kernels.snell_matmul import KernelSpec, kernel_matrix, snell_delta_matmul, sparse_delta
 
+from ...quantization import check_merge_supported, delta_dtype, keep_trainable_layout, weight_matrix_shape
 from ...sparse.layer import SUPPORTED_BASE_LAYERS
 from .config import SnellConfig
 from .threshold import keep_threshold
@@ -55,7 +56,8 @@ class SnellLayer(BaseTunerLayer):
         if not isinstance(base, SUPPORTED_BASE_LAYERS):
             raise ValueError(f"SNELL supports torch.nn.Linear and transformers Conv1D, got {type(base).__name__}")
         self.weight_is_transposed = isinstance(base, Conv1D)
-        rows, cols = base.weight.shape
+        keep_trainable_layout(base)
+        rows, cols = weight_matrix_shape(base)  # bitsandbytes layers store their weight packed
         self.out_features, self.in_features = (cols, rows) if self.weight_is_transposed else (rows, cols)
 
     @property
@@ -116,18 +118,17 @@ class SnellLayer(BaseTunerLayer):
         spec = self.kernel_spec[adapter_name]
         kernel = kernel_matrix(input_factors, output_factors, spec)
         delta = sparse_delta(kernel, self.threshold(adapter_name), spec.magnitude)
-        weight = self.get_base_layer().weight
-        return (delta.T if self.weight_is_transposed else delta).to(weight.dtype)
+        return (delta.T if self.weight_is_transposed else delta).to(delta_dtype(self.get_base_layer()))
 
     # --- peft layer API -----------------------------------------------------------------------
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Add the deltas to the base weight (``safe_merge`` checks the result for NaN/Inf first)."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
+        adapter_names = [name for name in adapter_names if name in self.snell_input_factors]
+        check_merge_supported(self.get_base_layer(), adapter_names)
         weight = self.get_base_layer().weight
         for name in adapter_names:
-            if name not in self.snell_input_factors:
-                continue
             delta = self.get_delta_weight(name)
             if safe_merge and not torch.isfinite(weight.data + delta).all():
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")

@@ -12,6 +12,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ...quantization import check_merge_supported, delta_dtype, keep_trainable_layout, weight_matrix_shape
 from ...sparse.layer import SUPPORTED_BASE_LAYERS
 
 
@@ -43,7 +44,9 @@ class SoraLayer(BaseTunerLayer):
         if not isinstance(base, SUPPORTED_BASE_LAYERS):
             raise ValueError(f"SoRA layers support torch.nn.Linear and transformers Conv1D, got {type(base).__name__}")
         self.weight_is_transposed = isinstance(base, Conv1D)  # Conv1D stores its weight as [in, out]
-        out_features, in_features = base.weight.shape[::-1] if self.weight_is_transposed else base.weight.shape
+        keep_trainable_layout(base)
+        rows, cols = weight_matrix_shape(base)  # bitsandbytes layers store their weight packed
+        out_features, in_features = (cols, rows) if self.weight_is_transposed else (rows, cols)
         self.in_features, self.out_features = in_features, out_features
 
     def update_layer(
@@ -70,12 +73,12 @@ class SoraLayer(BaseTunerLayer):
         """``s * B diag(g) A`` shaped like the base weight ([out, in], or [in, out] for Conv1D)."""
         gated_b = self.sora_B[adapter_name] * self.sora_gate[adapter_name]  # [out, r]
         delta = (gated_b @ self.sora_A[adapter_name]) * self.scaling[adapter_name]  # [out, in]
-        weight = self.get_base_layer().weight
-        return (delta.T if self.weight_is_transposed else delta).to(weight.dtype)
+        return (delta.T if self.weight_is_transposed else delta).to(delta_dtype(self.get_base_layer()))
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Add the deltas to the base weight (``safe_merge``: on a copy, raising on NaN/Inf)."""
         adapter_names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.sora_A]
+        check_merge_supported(self.get_base_layer(), adapter_names)
         weight = self.get_base_layer().weight
         for adapter_name in adapter_names:
             with torch.no_grad():

@@ -6,6 +6,7 @@ from typing import Optional
 
 from torch import nn
 
+from ...quantization import weight_matrix_shape
 from ...sparse.indices import layer_seed, random_unique_indices
 from ...sparse.layer import SparseDeltaLayer
 from ...sparse.selection import AccumulatedGradientGrowth, GrowthStatistics, MomentumApproximationGrowth
@@ -26,7 +27,8 @@ class SparseModel(SparseDeltaTuner):
     prefix: str = "sparse_"
 
     def _initial_indices(self, config: SparseConfig, base_layer: nn.Module, count: int, module_name: str):
-        return random_unique_indices(base_layer.weight.numel(), count, layer_seed(config.init_seed, module_name))
+        rows, cols = weight_matrix_shape(base_layer)
+        return random_unique_indices(rows * cols, count, layer_seed(config.init_seed, module_name))
 
     def _growth_statistics(
         self, config: SparseConfig, layer: SparseDeltaLayer, adapter_name: str
