@@ -135,6 +135,30 @@ def test_quantized_weight_is_never_changed_or_copied():
     assert [name for name, _ in layer.named_buffers()] == ["sparse_indices.default"]
 
 
+def test_cpu_inference_repacking_is_refused_before_and_prevented_after_wrapping():
+    """bitsandbytes repacks a Linear4bit for its AVX512-BF16 CPU kernel on an eval forward without
+    gradients; that layout has no backward. Adapted layers keep the trainable layout."""
+    repacked = quantized_linear("nf4", in_features=64, out_features=64).eval()
+    with torch.no_grad():
+        repacked(torch.randn(2, 64))
+    if not getattr(repacked.weight.quant_state, "packing_format_for_cpu", False):
+        pytest.skip("bitsandbytes does not repack Linear4bit weights on this CPU (no AVX512-BF16)")
+    with pytest.raises(ValueError, match="was repacked by bitsandbytes for CPU inference"):
+        QuantizedSparseDeltaLinear(repacked, "default", torch.tensor([0, 5], dtype=torch.int32))
+
+    layer = QuantizedSparseDeltaLinear(
+        quantized_linear("nf4", in_features=64, out_features=64), "default", torch.tensor([0, 5], dtype=torch.int32)
+    )
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.randn(2, 64))
+    assert not getattr(layer.get_base_layer().weight.quant_state, "packing_format_for_cpu", False)
+    inputs = torch.randn(2, 64, requires_grad=True)
+    layer.train()
+    layer(inputs).sum().backward()
+    assert inputs.grad is not None and bool(inputs.grad.abs().sum() > 0)
+
+
 # --- whole models --------------------------------------------------------------------------------
 
 
