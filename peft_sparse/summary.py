@@ -19,9 +19,9 @@ from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from .loading import PEFT_KEY_PREFIX, check_adapter_weights_file
+from .quantization import weight_matrix_shape
 from .sparse.layer import SparseDeltaLinear
 from .tuners.lift import LiftDeltaLinear
 from .tuners.snell.layer import SnellLayer
@@ -183,16 +183,11 @@ def base_weight_shapes(base_model_dir: Union[str, Path]) -> dict[str, Shape]:
 
 def model_weight_shapes(model: nn.Module) -> dict[str, Shape]:
     """``{module name: weight shape}`` of every adapted layer of a live PeftModel (without ``base_model.model.``)."""
-    shapes = {}
-    for name, module in model.named_modules():
-        if isinstance(module, BaseTunerLayer):
-            base = module.get_base_layer()
-            if isinstance(base, Conv1D) or not hasattr(base, "out_features"):
-                shape = tuple(base.weight.shape)
-            else:  # also right for quantized layers, whose weight is stored packed
-                shape = (base.out_features, base.in_features)
-            shapes[name.removeprefix(PEFT_KEY_PREFIX)] = shape
-    return shapes
+    return {
+        name.removeprefix(PEFT_KEY_PREFIX): weight_matrix_shape(module.get_base_layer())
+        for name, module in model.named_modules()
+        if isinstance(module, BaseTunerLayer)
+    }
 
 
 def _percent(fraction: Optional[float]) -> str:
