@@ -1,5 +1,6 @@
 """Every row of docs/errors.md: the failure, its exact error, and a base model left unchanged."""
 
+import importlib.metadata
 import json
 import re
 import struct
@@ -14,7 +15,7 @@ from peft.utils.peft_types import PeftType
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
-from peft_sparse import LiftConfig, SnellConfig, SoraConfig, SparseConfig, __version__
+from peft_sparse import FORMAT_VERSION, LiftConfig, SnellConfig, SoraConfig, SparseConfig, __version__
 from tests.conftest import make_tiny_llama
 
 TARGETS = ["q_proj", "up_proj"]
@@ -344,3 +345,13 @@ def test_failed_load_of_a_second_adapter_keeps_the_first(saved, tmp_path, input_
     assert layers and all(list(layer.delta_values) == ["default"] for layer in layers)
     with torch.no_grad():
         assert torch.equal(model(input_ids=input_ids).logits, expected)
+
+
+def test_saving_stamps_this_version_over_the_one_read(saved, tmp_path):
+    old = edited_copy(saved["sparse"], tmp_path / "old", edit_config=lambda c: {**c, "peft_sparse_version": "0.0.1"})
+    model = PeftModel.from_pretrained(make_tiny_llama(), old)
+    assert model.peft_config["default"].peft_sparse_version == "0.0.1"
+    model.save_pretrained(tmp_path / "resaved")
+    config = json.loads((tmp_path / "resaved" / "adapter_config.json").read_text())
+    assert (config["peft_sparse_version"], config["format_version"]) == (__version__, FORMAT_VERSION)
+    assert __version__ == importlib.metadata.version("peft-sparse")
