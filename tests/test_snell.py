@@ -179,7 +179,9 @@ def test_zero_initial_delta_keeps_every_entry_so_all_factors_get_gradients():
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("magnitude", [False, True])
-def test_custom_gradient_equals_autograd_through_the_dense_reference(kernel, magnitude):
+@pytest.mark.parametrize("chunk_entries", [2**22, 50])  # one chunk; 2 rows of K at a time
+def test_custom_gradient_equals_autograd_through_the_dense_reference(kernel, magnitude, chunk_entries, monkeypatch):
+    monkeypatch.setattr("triton_kernels.snell_matmul.CHUNK_ENTRIES", chunk_entries)
     spec = KernelSpec(kernel, 0.3, gamma=0.7, magnitude=magnitude)
     a, b = random_factors(2, 21, 17, 3)
     x = torch.randn(2, 13, 21, dtype=torch.float64, generator=torch.Generator().manual_seed(1))

@@ -123,31 +123,51 @@ def kernel_factor_grads(
     return grad_a, grad_b
 
 
+# Rows of K formed at once by the torch path: 2^22 entries (16 MiB in fp32) per transient matrix.
+# Unchunked, the backward of one 4096 x 4096 layer held ~6 such matrices of 64 MiB.
+CHUNK_ENTRIES = 2**22
+
+
+def _row_chunks(num_out: int, num_in: int) -> list[slice]:
+    rows = max(1, CHUNK_ENTRIES // num_in)
+    return [slice(start, min(start + rows, num_out)) for start in range(0, num_out, rows)]
+
+
 class _ReferenceSnellMatmul(torch.autograd.Function):
-    """Torch path: ``E`` is formed in forward and again in backward, never saved."""
+    """Torch path: ``E`` is formed in forward and again in backward, by row chunks, and never saved."""
 
     @staticmethod
     def forward(ctx, x, input_factors, output_factors, threshold, spec: KernelSpec):
-        delta = sparse_delta(kernel_matrix(input_factors, output_factors, spec), threshold, spec.magnitude)
+        y = x.new_empty(x.shape[0], output_factors.shape[1])
+        for rows in _row_chunks(output_factors.shape[1], input_factors.shape[1]):
+            kernel = kernel_matrix(input_factors, output_factors[:, rows], spec)
+            y[:, rows] = x @ sparse_delta(kernel, threshold, spec.magnitude).to(x.dtype).T
         ctx.save_for_backward(x, input_factors, output_factors, threshold)
         ctx.spec = spec
-        return x @ delta.to(x.dtype).T
+        return y
 
     @staticmethod
     def backward(ctx, grad_output):
         x, input_factors, output_factors, threshold = ctx.saved_tensors
         spec = ctx.spec
-        kernel = kernel_matrix(input_factors, output_factors, spec)
-        kept = kernel.abs() >= threshold
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_output @ sparse_delta(kernel, threshold, spec.magnitude).to(grad_output.dtype)
-        grad_kernel = _upcast(grad_output).T @ _upcast(x)  # [out, in]
-        grad_kernel.mul_(kept)
-        if spec.magnitude:
-            grad_kernel.mul_(kernel.abs_())
-        del kernel, kept
-        grad_a, grad_b = kernel_factor_grads(input_factors, output_factors, grad_kernel, spec)
+        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
+        grad_a = torch.zeros_like(_upcast(input_factors))
+        grad_b = torch.empty_like(_upcast(output_factors))
+        for rows in _row_chunks(output_factors.shape[1], input_factors.shape[1]):
+            kernel = kernel_matrix(input_factors, output_factors[:, rows], spec)  # [rows, in]
+            grad_rows = grad_output[:, rows]
+            if grad_x is not None:
+                grad_x += grad_rows @ sparse_delta(kernel, threshold, spec.magnitude).to(grad_output.dtype)
+            grad_kernel = _upcast(grad_rows).T @ _upcast(x)
+            absolute = kernel.abs_()
+            grad_kernel.mul_(absolute >= threshold)
+            if spec.magnitude:
+                grad_kernel.mul_(absolute)
+            del kernel, absolute
+            chunk_grad_a, grad_b[:, rows] = kernel_factor_grads(
+                input_factors, output_factors[:, rows], grad_kernel, spec
+            )
+            grad_a += chunk_grad_a
         return grad_x, grad_a.to(input_factors.dtype), grad_b.to(output_factors.dtype), None, None
 
 
