@@ -21,22 +21,24 @@ from tests.conftest import make_tiny_llama  # noqa: E402
 from tests.test_trainer import repeating_sequences, training_args  # noqa: E402
 from trl_callbacks import SnellAllocationCallback, SoraCallback, SparseUpdateCallback  # noqa: E402
 
-# (config, callback class); every selection method changes its indices within `train`'s 6 steps
+TARGETS = ["q_proj", "down_proj"]  # 4 matrices: enough to test, fast
+
+# (config, callback class); every selection method changes its indices within `train`'s 4 steps
 METHODS = {
-    "sparse-ag": (lambda: SparseConfig(density=0.1, selection="ag", reselection_steps=4, selection_accumulation_steps=2), SparseUpdateCallback),
-    "sparse-ma": (lambda: SparseConfig(density=0.1, selection="ma", reselection_steps=4, selection_accumulation_steps=2), SparseUpdateCallback),
-    "lift": (lambda: LiftConfig(density=0.1, rank=4, mask_update_interval=3), SparseUpdateCallback),
-    "sora": (lambda: SoraConfig(r=4, xi_schedule="linear", xi_start=0.01, xi_end=0.5), SoraCallback),
-    "snella": (lambda: SnellConfig(r=4, allocation="snella", sparsity=0.2, target_sparsity=0.8, allocation_interval=2), SnellAllocationCallback),
+    "sparse-ag": (lambda: SparseConfig(target_modules=TARGETS, density=0.1, selection="ag", reselection_steps=2, selection_accumulation_steps=1), SparseUpdateCallback),
+    "sparse-ma": (lambda: SparseConfig(target_modules=TARGETS, density=0.1, selection="ma", reselection_steps=2, selection_accumulation_steps=1), SparseUpdateCallback),
+    "lift": (lambda: LiftConfig(target_modules=TARGETS, density=0.1, rank=4, mask_update_interval=3), SparseUpdateCallback),
+    "sora": (lambda: SoraConfig(target_modules=TARGETS, r=4, xi_schedule="linear", xi_start=0.01, xi_end=0.5), SoraCallback),
+    "snella": (lambda: SnellConfig(target_modules=TARGETS, r=4, allocation="snella", sparsity=0.2, target_sparsity=0.8, allocation_interval=2), SnellAllocationCallback),
 }  # fmt: skip
 
 
 def train(method: str, out_dir: str, per_device_train_batch_size: int = 2) -> torch.nn.Module:
-    """6 optimizer steps of 2 micro-batches each; returns the trained PeftModel."""
+    """4 optimizer steps of 2 micro-batches each; returns the trained PeftModel."""
     make_config, callback = METHODS[method]
     model = get_peft_model(make_tiny_llama(), make_config())
     args = training_args(
-        out_dir, max_steps=6, per_device_train_batch_size=per_device_train_batch_size,
+        out_dir, max_steps=4, per_device_train_batch_size=per_device_train_batch_size,
         gradient_accumulation_steps=2, learning_rate=5e-2,
     )  # fmt: skip
     Trainer(model=model, args=args, train_dataset=repeating_sequences(32), callbacks=[callback()]).train()

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import torch
 from torch import nn
-from transformers import TrainerCallback
 
 from peft_sparse.tuners.snell import SnellConfig, SnellModel
 from peft_sparse.tuners.snell.model import snell_tuners
+
+from .checkpoint_state import CheckpointStateCallback
+from .reporting import LoggingCallback
 
 
 def snella_adapters(model: nn.Module) -> Iterator[tuple[SnellModel, str, SnellConfig]]:
@@ -19,22 +22,29 @@ def snella_adapters(model: nn.Module) -> Iterator[tuple[SnellModel, str, SnellCo
                 yield tuner, adapter_name, config
 
 
-class SnellAllocationCallback(TrainerCallback):
+class SnellAllocationCallback(LoggingCallback, CheckpointStateCallback):
     """Runs SNELLA inside the Trainer (and TRL's SFTTrainer); all budget math lives in ``SnellModel``.
 
     - Before each optimizer step (gradients present, after clipping): updates the importance EMAs.
     - After every ``allocation_interval``-th optimizer step: re-splits the scheduled budget.
-    - Logs the current ``snella/budget`` (kept entries, summed over layers), ``snella/mean_sparsity``
-      (over all entries) and, with ``log_layer_sparsity``, ``snella/sparsity/<layer>``
-      (``snella/<adapter>/...`` for adapters other than "default").
+    - Logs (ahead of TensorBoard / W&B) the current ``snella/budget`` (kept entries, summed over
+      layers), ``snella/mean_sparsity`` (over all entries) and, with ``log_layer_sparsity``,
+      ``snella/sparsity/<layer>`` (``snella/<adapter>/...`` for adapters other than "default").
+    - Saves the importance EMAs with every checkpoint (``snella_state.safetensors``), so a resumed
+      run allocates as an uninterrupted one (the budgets themselves are saved with the adapter).
 
     Example:
         >>> trainer = Trainer(model=peft_model, args=args, train_dataset=ds,
         ...                   callbacks=[SnellAllocationCallback()])  # doctest: +SKIP
     """
 
+    state_file_name = "snella_state.safetensors"
+
     def __init__(self, log_layer_sparsity: bool = True) -> None:
         self.log_layer_sparsity = log_layer_sparsity
+
+    def constructor_args(self) -> dict:
+        return {"log_layer_sparsity": self.log_layer_sparsity}
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         for tuner, adapter_name, _ in snella_adapters(model):
@@ -45,9 +55,7 @@ class SnellAllocationCallback(TrainerCallback):
             if state.global_step % config.allocation_interval == 0:
                 tuner.allocate(adapter_name, state.global_step, state.max_steps)
 
-    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-        if logs is None or model is None:
-            return
+    def metrics(self, model):
         values = {}
         for tuner, adapter_name, _ in snella_adapters(model):
             prefix = "snella" if adapter_name == "default" else f"snella/{adapter_name}"
@@ -58,6 +66,16 @@ class SnellAllocationCallback(TrainerCallback):
             if self.log_layer_sparsity:
                 for name, layer in layers.items():
                     values[f"{prefix}/sparsity/{name}"] = layer.sparsity(adapter_name)
-        logs.update(values)
-        if state.log_history:  # the Trainer appended its copy of `logs` before calling us
-            state.log_history[-1].update(values)
+        return values
+
+    def checkpoint_state(self, model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
+        tensors = {}
+        for tuner, adapter_name, _ in snella_adapters(model):
+            tensors.update({f"{adapter_name}/{key}": t for key, t in tuner.importance_state(adapter_name).items()})
+        return {}, tensors
+
+    def restore_checkpoint_state(self, model: nn.Module, attributes: dict, tensors: dict[str, torch.Tensor]) -> None:
+        for tuner, adapter_name, _ in snella_adapters(model):
+            prefix = f"{adapter_name}/"
+            state = {key[len(prefix) :]: tensor for key, tensor in tensors.items() if key.startswith(prefix)}
+            tuner.load_importance_state(adapter_name, state)

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Iterator
 
 from torch import nn
-from transformers import TrainerCallback
 
 from peft_sparse.tuners.sora import SoraConfig, SoraModel
 
 from .param_groups import isolate_param_group
+from .reporting import LoggingCallback
 
 
 def sora_adapters(model: nn.Module) -> Iterator[tuple[SoraModel, str, SoraConfig]]:
@@ -21,17 +21,17 @@ def sora_adapters(model: nn.Module) -> Iterator[tuple[SoraModel, str, SoraConfig
                     yield module, adapter_name, config
 
 
-class SoraCallback(TrainerCallback):
+class SoraCallback(LoggingCallback):
     """Drives SoRA inside the Trainer (and TRL's SFTTrainer).
 
     - At train begin, moves each adapter's gates into their own optimizer param group without
       weight decay, with ``gate_lr`` (default: the Trainer's learning rate) on the Trainer's LR
       schedule. An optimizer you built with the gates already alone in a group is left as it is.
-      (Resuming from a checkpoint whose optimizer had this extra group needs that route.)
+      Checkpoints list the optimizer's groups as the Trainer built them, so resuming works either way.
     - Before each optimizer step, adds the gradient of the optional L1 term (``l1_weight``).
     - After each optimizer step, soft-thresholds every gate by ``lr_t * xi_t``
       (``xi_t`` with ``scale_xi_by_lr=False``), ``xi_t`` from the config's schedule.
-    - Logs ``sora/live_rank`` (sum over layers), ``sora/live_rank_fraction``, ``sora/xi``,
+    - Logs (ahead of TensorBoard / W&B) ``sora/live_rank`` (sum over layers), ``sora/live_rank_fraction``, ``sora/xi``,
       ``sora/threshold`` and, with ``log_layer_ranks``, ``sora/live_rank/<layer>``
       (``sora/<adapter>/...`` for adapters other than "default").
 
@@ -46,6 +46,7 @@ class SoraCallback(TrainerCallback):
         self._thresholds: dict[str, tuple[float, float]] = {}
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
         self._thresholds = {}
         if optimizer is None:
             return
@@ -72,9 +73,7 @@ class SoraCallback(TrainerCallback):
             tuner.soft_threshold_gates(adapter_name, threshold)
             self._thresholds[adapter_name] = (xi, threshold)
 
-    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-        if logs is None or model is None:
-            return
+    def metrics(self, model):
         values = {}
         for tuner, adapter_name, config in sora_adapters(model):
             prefix = "sora" if adapter_name == "default" else f"sora/{adapter_name}"
@@ -85,6 +84,4 @@ class SoraCallback(TrainerCallback):
                 values[f"{prefix}/xi"], values[f"{prefix}/threshold"] = self._thresholds[adapter_name]
             if self.log_layer_ranks:
                 values.update({f"{prefix}/live_rank/{name}": rank for name, rank in ranks.items()})
-        logs.update(values)
-        if state.log_history:  # the Trainer appended its copy of `logs` before calling us
-            state.log_history[-1].update(values)
+        return values

@@ -1,9 +1,10 @@
-"""Collectives for selection statistics under torch.distributed (DDP); no-ops in a single process."""
+"""Collectives for selection statistics under torch.distributed (DDP), no-ops in a single process; FSDP detection."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 def world_size() -> int:
@@ -38,3 +39,12 @@ def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
         flat /= size
         for member, reduced in zip(members, flat.split([member.numel() for member in members])):
             member.copy_(reduced.view_as(member))
+
+
+def is_fsdp_managed(model: nn.Module) -> bool:
+    """True if FSDP wraps (v1) or shards (v2, ``fully_shard``) any submodule of ``model``."""
+    if not dist.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return any(isinstance(module, (FSDPModule, FullyShardedDataParallel)) for module in model.modules())

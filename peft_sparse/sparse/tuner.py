@@ -182,12 +182,14 @@ class SparseDeltaTuner(AllOrNothingTuner):
         """Replace up to ``reselection_rate`` of each layer's entries (which ones: ``_replacement``).
 
         The optimizer's per-entry state follows the kept entries; grown entries start at zero.
-        Returns ``{"density": ..., "churn": ...}`` over all layers of the adapter.
+        Returns ``{"density": ..., "churn": ...}`` over all layers of the adapter, and the same per
+        layer as ``"density/<layer>"`` and ``"churn/<layer>"``.
         """
         config = self.peft_config[adapter_name]
         self.synchronize_selection_statistics(adapter_name)
         window = self._window_statistics.pop(adapter_name, {})
         total_values = total_entries = total_replaced = 0
+        per_layer = {}
         for name, layer in self.sparse_delta_layers():
             if adapter_name not in layer.delta_values:
                 continue
@@ -196,16 +198,20 @@ class SparseDeltaTuner(AllOrNothingTuner):
             total_values += values.numel()
             total_entries += layer.num_entries
             replacement = self._replacement(config, name, layer, adapter_name, reselection_rate, window.get(name))
-            if replacement is None:
-                continue
-            dropped, grown = replacement
-            source_positions = layer.replace_indices(adapter_name, dropped, grown)
-            if optimizer is not None:
-                remap_optimizer_state(optimizer, values, source_positions)
-            total_replaced += grown.numel()
+            replaced = 0
+            if replacement is not None:
+                dropped, grown = replacement
+                source_positions = layer.replace_indices(adapter_name, dropped, grown)
+                if optimizer is not None:
+                    remap_optimizer_state(optimizer, values, source_positions)
+                replaced = grown.numel()
+            total_replaced += replaced
+            per_layer[f"density/{name}"] = values.numel() / layer.num_entries
+            per_layer[f"churn/{name}"] = replaced / values.numel()
         return {
             "density": total_values / max(total_entries, 1),
             "churn": total_replaced / max(total_values, 1),
+            **per_layer,
         }
 
     # --- loading checks ----------------------------------------------------------------------

@@ -88,6 +88,21 @@ class ImportanceTracker:
             smoothed = self.importance[name].lerp_(current, 1 - self.importance_beta)
             self.uncertainty[name].lerp_((current - smoothed).abs_(), 1 - self.uncertainty_beta)
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The EMAs as ``{"importance/<name>": ..., "uncertainty/<name>": ...}`` (for checkpoints)."""
+        return {
+            f"{kind}/{name}": tensor
+            for kind in ("importance", "uncertainty")
+            for name, tensor in getattr(self, kind).items()
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the EMAs by those of ``state_dict()``."""
+        self.importance, self.uncertainty = {}, {}
+        for key, tensor in state.items():
+            kind, name = key.split("/", 1)
+            getattr(self, kind)[name] = tensor.float().clone()
+
     def score(self, names: list[str]) -> float:
         """Sum over ``names`` of mean(smoothed importance * uncertainty); 0 before any update."""
         return sum(

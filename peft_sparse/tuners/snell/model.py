@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
@@ -78,6 +79,18 @@ class SnellModel(AllOrNothingTuner):
             parameters[f"{name}.input"] = layer.snell_input_factors[adapter_name]
             parameters[f"{name}.output"] = layer.snell_output_factors[adapter_name]
         tracker.update(parameters)
+
+    def importance_state(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+        """SNELLA's importance and uncertainty EMAs (empty before the first update), for checkpoints."""
+        tracker = self._importance.get(adapter_name)
+        return {} if tracker is None else tracker.state_dict()
+
+    def load_importance_state(self, adapter_name: str, state: dict[str, torch.Tensor]) -> None:
+        """Restore the EMAs saved by ``importance_state`` (resuming from a checkpoint)."""
+        config = self.peft_config[adapter_name]
+        tracker = ImportanceTracker(config.importance_beta, config.uncertainty_beta)
+        tracker.load_state_dict(state)
+        self._importance[adapter_name] = tracker
 
     def allocation_budget(self, adapter_name: str, step: int, total_steps: int) -> int:
         """SNELLA's global nonzero budget at ``step`` of ``total_steps``."""
