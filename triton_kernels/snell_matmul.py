@@ -123,9 +123,9 @@ def kernel_factor_grads(
     return grad_a, grad_b
 
 
-# Rows of K formed at once by the torch path: 2^22 entries (16 MiB in fp32) per transient matrix.
+# Rows of K formed at once by the torch path: 2^20 entries (4 MiB in fp32) per transient matrix.
 # Unchunked, the backward of one 4096 x 4096 layer held ~6 such matrices of 64 MiB.
-CHUNK_ENTRIES = 2**22
+CHUNK_ENTRIES = 2**20
 
 
 def _row_chunks(num_out: int, num_in: int) -> list[slice]:
