@@ -1,7 +1,9 @@
 """One rank of the multi-process test: ``torchrun --standalone --nproc_per_node 2 tests/distributed_worker.py OUT_DIR METHOD...``.
 
 For each METHOD (a key of ``METHODS``) trains a tiny model with the Trainer (DDP, gloo on CPU),
-then writes this rank's adapter tensors to ``OUT_DIR/<METHOD>-rank<r>.safetensors``.
+writes this rank's adapter tensors to ``OUT_DIR/<METHOD>-rank<r>.safetensors``, then resumes
+the run from its step-3 checkpoint and writes ``OUT_DIR/<METHOD>-resumed-rank<r>.safetensors``.
+With ``--fsdp METHOD`` instead it trains METHOD under the Trainer's FSDP (GPU only).
 """
 
 from __future__ import annotations
@@ -33,23 +35,36 @@ METHODS = {
 }  # fmt: skip
 
 
-def train(method: str, out_dir: str, per_device_train_batch_size: int = 2) -> torch.nn.Module:
-    """4 optimizer steps of 2 micro-batches each; returns the trained PeftModel."""
+def train(method: str, out_dir: str, per_device_train_batch_size: int = 2, resume_from=None, **overrides):
+    """4 optimizer steps of 2 micro-batches each, checkpoint at step 3; returns the trained PeftModel."""
     make_config, callback = METHODS[method]
     model = get_peft_model(make_tiny_llama(), make_config())
     args = training_args(
         out_dir, max_steps=4, per_device_train_batch_size=per_device_train_batch_size,
-        gradient_accumulation_steps=2, learning_rate=5e-2,
+        gradient_accumulation_steps=2, learning_rate=5e-2, save_strategy="steps", save_steps=3, **overrides,
     )  # fmt: skip
-    Trainer(model=model, args=args, train_dataset=repeating_sequences(32), callbacks=[callback()]).train()
+    trainer = Trainer(model=model, args=args, train_dataset=repeating_sequences(32), callbacks=[callback()])
+    trainer.train(resume_from_checkpoint=resume_from)
     return model
 
 
+def save_adapter(model: torch.nn.Module, path: str) -> None:
+    save_file({name: tensor.contiguous() for name, tensor in get_peft_model_state_dict(model).items()}, path)
+
+
+FSDP_ARGS = {"use_cpu": False, "fsdp": True, "fsdp_config": {"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}  # fmt: skip
+
+
 def main(out_dir: str, methods: list[str]) -> None:
+    if methods[0] == "--fsdp":  # GPU only: accelerate has no FSDP on CPU
+        train(methods[1], os.path.join(out_dir, methods[1]), **FSDP_ARGS)
+        return
+    rank = int(os.environ["RANK"])  # set by torchrun; the Trainer initializes the process group
     for method in methods:
-        model = train(method, os.path.join(out_dir, method))
-        state = {name: tensor.contiguous() for name, tensor in get_peft_model_state_dict(model).items()}
-        save_file(state, os.path.join(out_dir, f"{method}-rank{torch.distributed.get_rank()}.safetensors"))
+        run_dir = os.path.join(out_dir, method)
+        save_adapter(train(method, run_dir), os.path.join(out_dir, f"{method}-rank{rank}.safetensors"))
+        resumed = train(method, run_dir, resume_from=os.path.join(run_dir, "checkpoint-3"))
+        save_adapter(resumed, os.path.join(out_dir, f"{method}-resumed-rank{rank}.safetensors"))
 
 
 if __name__ == "__main__":

@@ -7,23 +7,32 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from peft import get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file
+from torch.distributed.fsdp import fully_shard
+from transformers import TrainerControl, TrainerState
 
 from tests.conftest import make_tiny_llama
 from tests.distributed_worker import METHODS, train
+from tests.test_trainer import training_args
+from trl_callbacks import SparseUpdateCallback
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
+
+
+def launch(processes: int, *arguments: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               str(WORKER), *arguments]  # fmt: skip
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
 
 
 @pytest.fixture(scope="module")
 def ddp_adapters(tmp_path_factory) -> Path:
     """Runs every method of the worker once in 2 processes (one launch: interpreter start-up dominates)."""
     out_dir = tmp_path_factory.mktemp("ddp")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(WORKER), str(out_dir), *METHODS]  # fmt: skip
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
+    result = launch(2, str(out_dir), *METHODS)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out_dir
 
@@ -33,6 +42,16 @@ def test_ranks_end_with_byte_identical_adapters(ddp_adapters, method):
     rank0 = (ddp_adapters / f"{method}-rank0.safetensors").read_bytes()
     rank1 = (ddp_adapters / f"{method}-rank1.safetensors").read_bytes()
     assert rank0 == rank1
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_resuming_under_ddp_is_bit_identical(ddp_adapters, method):
+    """The step-3 checkpoint lies inside AG/MA statistics windows (averaged over ranks when saved)."""
+    for rank in (0, 1):
+        resumed = load_file(ddp_adapters / f"{method}-resumed-rank{rank}.safetensors")
+        straight = load_file(ddp_adapters / f"{method}-rank{rank}.safetensors")
+        assert resumed.keys() == straight.keys()
+        assert all(torch.equal(resumed[key], straight[key]) for key in straight)
 
 
 @pytest.mark.parametrize("method", ["sparse-ag", "sparse-ma", "lift"])
@@ -50,3 +69,26 @@ def test_accumulated_gradient_selection_matches_one_process_with_the_global_batc
     distributed = load_file(ddp_adapters / "sparse-ag-rank0.safetensors")
     for key in [key for key in single if key.endswith("_indices")]:
         assert torch.equal(distributed[key], single[key]), key
+
+
+@pytest.fixture
+def single_process_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("method", ["sparse-ag", "lift"])
+def test_fsdp_is_refused_for_sparse_delta_adapters(tmp_path, single_process_group, method):
+    """FSDP re-gathers the frozen weight on every forward, losing the merged delta: refused, not silently wrong."""
+    model = get_peft_model(make_tiny_llama(), METHODS[method][0]())
+    fully_shard(model)
+    with pytest.raises(ValueError, match="do not support FSDP: their delta is merged into the frozen weight"):
+        SparseUpdateCallback().on_train_begin(training_args(tmp_path), TrainerState(), TrainerControl(), model=model)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="accelerate offers FSDP on GPUs only")
+def test_trainer_with_fsdp_refuses_sparse_delta_adapters(tmp_path):
+    result = launch(1, str(tmp_path), "--fsdp", "sparse-ag")
+    assert result.returncode != 0
+    assert "do not support FSDP: their delta is merged into the frozen weight" in result.stdout + result.stderr

@@ -1,4 +1,4 @@
-"""Metrics from our callbacks into the Trainer's logs, where TensorBoard, W&B and the other reporting integrations see them.
+"""Metrics from our callbacks into the Trainer's logs, where TensorBoard, W&B and other integrations see them.
 
 The Trainer hands one ``logs`` dict to every callback's ``on_log`` in list order, and its list puts
 the reporting integrations (``report_to``) ahead of the callbacks a user passes: keys those add in

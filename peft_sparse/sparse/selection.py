@@ -40,7 +40,10 @@ class GrowthStatistics(Protocol):
 
 
 def _top_inactive(score: torch.Tensor, active_indices: torch.Tensor, count: int) -> torch.Tensor:
-    """Sorted flat positions of the ``count`` largest entries of ``score`` (>= 0, flat; overwritten) outside ``active_indices``."""
+    """Sorted positions of the ``count`` largest entries of ``score`` (flat, >= 0) outside ``active_indices``.
+
+    ``score`` is overwritten.
+    """
     score[active_indices.long()] = -1.0
     count = min(count, score.numel() - active_indices.numel())
     return torch.topk(score, count, sorted=False).indices.sort().values
