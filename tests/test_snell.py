@@ -280,7 +280,7 @@ def test_save_load_merge_and_disable_round_trips(tmp_path, input_ids, make_base)
     loaded = PeftModel.from_pretrained(make_base(), tmp_path)
     torch.testing.assert_close(loaded(input_ids).logits, logits)
     loaded_layer = next(m for m in loaded.modules() if isinstance(m, SnellLinear))
-    assert int(loaded_layer.snell_num_kept["default"]) == 77
+    assert loaded_layer.num_kept("default") == 77
 
     weight_before = loaded_layer.get_base_layer().weight.clone()
     loaded.merge_adapter()

@@ -60,7 +60,7 @@ class SnellAllocationCallback(LoggingCallback, CheckpointStateCallback):
         for tuner, adapter_name, _ in snella_adapters(model):
             prefix = "snella" if adapter_name == "default" else f"snella/{adapter_name}"
             layers = dict(tuner.snell_layers(adapter_name))
-            kept = sum(int(layer.snell_num_kept[adapter_name]) for layer in layers.values())
+            kept = sum(layer.num_kept(adapter_name) for layer in layers.values())
             values[f"{prefix}/budget"] = kept
             values[f"{prefix}/mean_sparsity"] = 1 - kept / sum(layer.num_entries for layer in layers.values())
             if self.log_layer_sparsity:

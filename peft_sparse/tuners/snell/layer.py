@@ -50,6 +50,7 @@ class SnellLayer(BaseTunerLayer):
         self.kernel_spec: dict[str, KernelSpec] = {}
         self.threshold_sample_size: dict[str, Optional[int]] = {}
         self.sample_seed = sample_seed
+        self._num_kept_cache: dict[str, tuple[torch.Tensor, int, int]] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         base = self.get_base_layer()
@@ -92,8 +93,18 @@ class SnellLayer(BaseTunerLayer):
 
     # --- the delta ----------------------------------------------------------------------------
 
+    def num_kept(self, adapter_name: str) -> int:
+        """Non-zero entries of the delta, read from the saved buffer only when it changed (no GPU sync)."""
+        buffer = self.snell_num_kept[adapter_name]
+        cached = self._num_kept_cache.get(adapter_name)
+        if cached is None or cached[0] is not buffer or cached[1] != buffer._version:
+            # fill_ (SNELLA) and load_state_dict's copy_ bump the version
+            cached = (buffer, buffer._version, int(buffer))
+            self._num_kept_cache[adapter_name] = cached
+        return cached[2]
+
     def sparsity(self, adapter_name: str) -> float:
-        return 1 - int(self.snell_num_kept[adapter_name]) / self.num_entries
+        return 1 - self.num_kept(adapter_name) / self.num_entries
 
     def set_num_kept(self, adapter_name: str, num_kept: int) -> None:
         """Keep ``num_kept`` entries of this layer's delta from now on (SNELLA's per-layer budget)."""
@@ -107,7 +118,7 @@ class SnellLayer(BaseTunerLayer):
             self.snell_input_factors[adapter_name].detach(),
             self.snell_output_factors[adapter_name].detach(),
             self.kernel_spec[adapter_name],
-            int(self.snell_num_kept[adapter_name]),
+            self.num_kept(adapter_name),
             self.threshold_sample_size[adapter_name],
             self.sample_seed,
         )
