@@ -14,11 +14,11 @@ from torch.distributed.fsdp import fully_shard
 from transformers import TrainerControl, TrainerState
 
 from tests.conftest import make_tiny_llama
-from tests.distributed_worker import METHODS, train
+from tests.tiny_runs import METHODS, train
 from tests.test_trainer import training_args
 from trl_callbacks import SparseUpdateCallback
 
-WORKER = Path(__file__).with_name("distributed_worker.py")
+WORKER = Path(__file__).with_name("tiny_runs.py")
 
 
 def launch(processes: int, *arguments: str) -> subprocess.CompletedProcess:

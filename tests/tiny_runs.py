@@ -1,9 +1,11 @@
-"""One rank of the multi-process test: ``torchrun --standalone --nproc_per_node 2 tests/distributed_worker.py OUT_DIR METHOD...``.
+"""Tiny Trainer runs of every method, shared by the resume and multi-process tests.
 
-For each METHOD (a key of ``METHODS``) trains a tiny model with the Trainer (DDP, gloo on CPU),
-writes this rank's adapter tensors to ``OUT_DIR/<METHOD>-rank<r>.safetensors``, then resumes
-the run from its step-3 checkpoint and writes ``OUT_DIR/<METHOD>-resumed-rank<r>.safetensors``.
-With ``--fsdp METHOD`` instead it trains METHOD under the Trainer's FSDP (GPU only).
+As a script it is one rank of the multi-process test:
+``torchrun --standalone --nproc_per_node 2 tests/tiny_runs.py OUT_DIR METHOD...`` trains each METHOD
+(a key of ``METHODS``) under the Trainer's DDP (gloo on CPU), writes this rank's adapter tensors to
+``OUT_DIR/<METHOD>-rank<r>.safetensors``, then resumes the run from its step-3 checkpoint and writes
+``OUT_DIR/<METHOD>-resumed-rank<r>.safetensors``. With ``--fsdp METHOD`` it trains METHOD under the
+Trainer's FSDP instead (GPU only).
 """
 
 from __future__ import annotations
@@ -25,11 +27,14 @@ from trl_callbacks import SnellAllocationCallback, SoraCallback, SparseUpdateCal
 
 TARGETS = ["q_proj", "down_proj"]  # 4 matrices: enough to test, fast
 
-# (config, callback class); every selection method changes its indices within `train`'s 4 steps
+# (config, callback class). `train` runs 4 optimizer steps and saves a checkpoint after step 3. SFT:
+# statistics windows over steps 1-2 and 3-4 (2 micro-batches each), so the checkpoint holds a
+# half-filled window; LIFT refreshes its mask at steps 2 and 4; SoRA's threshold moves every step;
+# SNELLA re-allocates at steps 2 and 4 from its importance EMAs.
 METHODS = {
-    "sparse-ag": (lambda: SparseConfig(target_modules=TARGETS, density=0.1, selection="ag", reselection_steps=2, selection_accumulation_steps=1), SparseUpdateCallback),
-    "sparse-ma": (lambda: SparseConfig(target_modules=TARGETS, density=0.1, selection="ma", reselection_steps=2, selection_accumulation_steps=1), SparseUpdateCallback),
-    "lift": (lambda: LiftConfig(target_modules=TARGETS, density=0.1, rank=4, mask_update_interval=3), SparseUpdateCallback),
+    "sparse-ag": (lambda: SparseConfig(target_modules=TARGETS, density=0.1, selection="ag", reselection_steps=2, selection_accumulation_steps=2, reselection_rate_schedule="constant"), SparseUpdateCallback),
+    "sparse-ma": (lambda: SparseConfig(target_modules=TARGETS, density=0.1, selection="ma", reselection_steps=2, selection_accumulation_steps=2, reselection_rate_schedule="constant"), SparseUpdateCallback),
+    "lift": (lambda: LiftConfig(target_modules=TARGETS, density=0.1, rank=4, mask_update_interval=2), SparseUpdateCallback),
     "sora": (lambda: SoraConfig(target_modules=TARGETS, r=4, xi_schedule="linear", xi_start=0.01, xi_end=0.5), SoraCallback),
     "snella": (lambda: SnellConfig(target_modules=TARGETS, r=4, allocation="snella", sparsity=0.2, target_sparsity=0.8, allocation_interval=2), SnellAllocationCallback),
 }  # fmt: skip
