@@ -30,6 +30,16 @@ class CheckpointStateCallback(TrainerCallback, ExportableState):
 
     Subclasses set ``state_file_name`` and implement the two methods (and ``constructor_args`` when
     their ``__init__`` takes arguments, for ``restore_callback_states_from_checkpoint``).
+
+    Example:
+        >>> class RunningSum(CheckpointStateCallback):
+        ...     state_file_name = "running_sum.safetensors"
+        ...     def __init__(self):
+        ...         self.total = torch.zeros(3)
+        ...     def checkpoint_state(self, model):
+        ...         return {"note": "any JSON"}, {"total": self.total}
+        ...     def restore_checkpoint_state(self, model, attributes, tensors):
+        ...         self.total = tensors["total"]
     """
 
     state_file_name: str = ""
@@ -42,6 +52,7 @@ class CheckpointStateCallback(TrainerCallback, ExportableState):
         raise NotImplementedError
 
     def restore_checkpoint_state(self, model: nn.Module, attributes: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """Take back what ``checkpoint_state`` returned (tensors on the model's device)."""
         raise NotImplementedError
 
     def state(self) -> dict:

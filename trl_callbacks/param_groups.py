@@ -34,13 +34,13 @@ def isolate_param_group(
     for group in optimizer.param_groups:
         if {id(param) for param in group["params"]} == wanted:
             return group
-    before = [list(group["params"]) for group in optimizer.param_groups]
+    before = [list(existing["params"]) for existing in optimizer.param_groups]
     for group in optimizer.param_groups:
         group["params"] = [param for param in group["params"] if id(param) not in wanted]
     optimizer.add_param_group({"params": list(params), "lr": lr, "weight_decay": weight_decay})
     group = optimizer.param_groups[-1]
     _follow_schedule(lr_scheduler, group)
-    after = [list(group["params"]) for group in optimizer.param_groups]
+    after = [list(existing["params"]) for existing in optimizer.param_groups]
     # prepended: hooks of later isolations undo theirs first
     unwrap_optimizer(optimizer).register_state_dict_post_hook(
         functools.partial(_pack_in_layout, after=after, before=before), prepend=True
