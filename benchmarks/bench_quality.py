@@ -1,0 +1,220 @@
+"""Quality of each method at equal budgets and equal steps (see ../shared/BENCHMARKS.md).
+
+Methods live in one table (``METHODS``): a builder ``(base model, settings) -> (peft model,
+callbacks)``, a default setting, a small tuning grid, and a report of method-specific numbers
+after training. ``settings`` holds the shared budget (``r``: LoRA rank, or SoRA's starting rank)
+plus the method's own values (``learning_rate`` always). Tasks live in ``TASKS``.
+
+    python benchmarks/bench_quality.py --task classification --methods lora,sora
+    python benchmarks/bench_quality.py --task classification --methods sora --grid   # tune, keep the best on dev
+
+``classification``: all-MiniLM-L6-v2 + a fresh 2-way head on SST-2 (``--data``): train on the
+first 4000 rows (1 epoch, batch 32, max length 64), pick grid points on rows 4000-5000, report
+accuracy on the last 2000 rows. Prints a markdown table; merges rows (by task and method)
+into ``benchmarks/results/bench_quality.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+from transformers import TrainerCallback
+
+from peft_sparse import SnellConfig, SoraConfig
+from peft_sparse.tuners.sora import SoraLayer
+from trl_callbacks import SoraCallback
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "examples"))
+import sst2_task  # noqa: E402  (examples/ is not a package)
+
+RESULTS = REPO / "benchmarks" / "results" / "bench_quality.json"
+
+
+@dataclass
+class Method:
+    build: Callable[[nn.Module, dict], tuple[nn.Module, list[TrainerCallback]]]
+    default: dict
+    grid: list[dict]
+    report: Callable[[nn.Module], dict] = field(default=lambda model: {})
+
+
+def build_lora(base: nn.Module, settings: dict):
+    config = LoraConfig(r=settings["r"], lora_alpha=settings["r"], target_modules="all-linear",
+                        task_type=settings["task_type"])
+    return get_peft_model(base, config), []
+
+
+def build_sora(base: nn.Module, settings: dict):
+    config = SoraConfig(
+        r=settings["r"], alpha=settings["r"], target_modules="all-linear", task_type=settings["task_type"],
+        gate_lr=settings["gate_lr"], xi_schedule=settings["xi_schedule"], xi_start=settings["xi_start"],
+        xi_end=settings["xi_end"],
+    )
+    return get_peft_model(base, config), [SoraCallback(log_layer_ranks=False)]
+
+
+def build_snell(base: nn.Module, settings: dict):
+    """SNELL at LoRA's budget: factor width r gives the same r * (in + out) trainable values per matrix."""
+    config = SnellConfig(r=settings["r"], sparsity=settings["sparsity"], target_modules="all-linear",
+                         task_type=settings["task_type"])
+    return get_peft_model(base, config), []
+
+
+def adapter_ranks(model: nn.Module) -> dict:
+    """Total (live) rank over the adapted layers, its fraction of the starting rank, and the LoRA size it makes."""
+    live = start = params = 0
+    for module in model.modules():
+        if isinstance(module, SoraLayer):
+            rank = module.live_rank("default")
+        elif isinstance(module, LoraLayer):
+            rank = module.r["default"]
+        else:
+            continue
+        live, start = live + rank, start + module.r["default"]
+        params += rank * (module.in_features + module.out_features)
+    return {"live_rank": live, "live_rank_fraction": live / start, "low_rank_params_after": params}
+
+
+METHODS: dict[str, Method] = {
+    "lora": Method(build_lora, {"learning_rate": 1e-3},
+                   [{"learning_rate": lr} for lr in (5e-4, 1e-3, 2e-3)], adapter_ranks),
+    "sora": Method(build_sora, {"learning_rate": 1e-3, "gate_lr": 5e-2, "xi_schedule": "linear", "xi_start": 0.0,
+                                "xi_end": 2.0},
+                   [{"learning_rate": 1e-3, "gate_lr": g, "xi_end": x} for g in (2e-2, 5e-2) for x in (1.0, 2.0)],
+                   adapter_ranks),
+    "snell": Method(build_snell, {"learning_rate": 5e-3, "sparsity": 0.9},
+                    [{"learning_rate": lr, "sparsity": s} for lr in (2e-3, 5e-3, 1e-2) for s in (0.5, 0.9)]),
+}
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def run_classification(method: Method, settings: dict, args) -> dict:
+    rows = sst2_task.read_sst2(args.data)
+    train, dev, test = rows[:4000], rows[4000:5000], rows[-2000:]
+    base, tokenizer = sst2_task.load_classifier(args.model, seed=args.seed)
+    model, callbacks = method.build(base, {**settings, "task_type": "SEQ_CLS"})
+    trainable = trainable_parameters(model)
+    started = time.perf_counter()
+    trainer = sst2_task.train_classifier(model, tokenizer, train, settings["learning_rate"], callbacks, seed=args.seed)
+    train_seconds = time.perf_counter() - started
+    return {
+        "dev_accuracy": sst2_task.accuracy(model, tokenizer, dev),
+        "accuracy": sst2_task.accuracy(model, tokenizer, test),
+        "trainable_params": trainable,
+        "train_seconds": round(train_seconds, 1),
+        "steps": trainer.state.global_step,
+        **method.report(model),
+    }
+
+
+TASKS: dict[str, Callable[[Method, dict, argparse.Namespace], dict]] = {"classification": run_classification}
+
+
+def environment() -> dict:
+    return {
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def parse_settings(pairs: list[str]) -> dict:
+    """``["xi_end=1.5", "xi_schedule=constant"]`` -> ``{"xi_end": 1.5, "xi_schedule": "constant"}``."""
+    settings = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            settings[key] = float(value)
+        except ValueError:
+            settings[key] = value
+    return settings
+
+
+def run_method(name: str, args) -> list[dict]:
+    """Train and score each requested setting of ``name``; one grid point per setting."""
+    method = METHODS[name]
+    points = method.grid if args.grid else [{**method.default, **parse_settings(args.set)}]
+    tried = []
+    for point in points:
+        settings = {"r": args.r, **point}
+        metrics = TASKS[args.task](method, settings, args)
+        print(f"  {name} {point}: {json.dumps(metrics)}", flush=True)
+        tried.append({"task": args.task, "method": name, "settings": settings, **metrics, "environment": environment()})
+    return tried
+
+
+def merge_results(task: str, method: str, tried: list[dict]) -> dict:
+    """Add grid points to the stored row of (task, method) (a rerun setting replaces its old point);
+    the row's headline is the point with the best dev accuracy. Rows of other methods are kept."""
+    stored = json.loads(RESULTS.read_text())["rows"] if RESULTS.exists() else []
+    old = next((row for row in stored if (row["task"], row["method"]) == (task, method)), {"grid": []})
+    fresh = [point["settings"] for point in tried]
+    grid = [point for point in old["grid"] if point["settings"] not in fresh] + tried
+    row = {**max(grid, key=lambda point: point["dev_accuracy"]), "grid": grid}
+    rows = [other for other in stored if (other["task"], other["method"]) != (task, method)] + [row]
+    rows.sort(key=lambda other: (other["task"], other["method"]))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+    return row
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = [
+        "| task | method | settings | accuracy | dev accuracy | trainable params | live rank (fraction) | train s |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        settings = ", ".join(f"{k}={v}" for k, v in row["settings"].items())
+        rank = f"{row['live_rank']} ({row['live_rank_fraction']:.0%})" if "live_rank" in row else "-"
+        lines.append(
+            f"| {row['task']} | {row['method']} | {settings} | {row['accuracy']:.1%} | {row['dev_accuracy']:.1%} | "
+            f"{row['trainable_params']:,} | {rank} | {row['train_seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="classification", choices=sorted(TASKS))
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {sorted(METHODS)}")
+    parser.add_argument("--grid", action="store_true", help="run each method's grid, keep the best on dev")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one of the method's default settings (repeatable), e.g. --set xi_end=1.5")
+    parser.add_argument("--r", type=int, default=8, help="LoRA rank = SoRA starting rank; others match its budget")
+    parser.add_argument("--model", default=None, help="encoder id or path (default: embedded all-MiniLM-L6-v2)")
+    parser.add_argument("--data", default=str(sst2_task.DEFAULT_DATA), help="SST-2 train.tsv")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    names = args.methods.split(",")
+    unknown = sorted(set(names) - set(METHODS))
+    if unknown:
+        parser.error(f"--methods must be from {sorted(METHODS)}, got {unknown}")
+    if args.grid and args.set:
+        parser.error("--set overrides the default setting; it cannot be combined with --grid")
+
+    rows = [merge_results(args.task, name, run_method(name, args)) for name in names]
+    print(markdown_table([point for row in rows for point in row["grid"]]))
+    print("best on dev:")
+    print(markdown_table(rows))
+    print(f"results merged into {RESULTS.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
