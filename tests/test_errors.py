@@ -1,4 +1,4 @@
-"""Every row of docs/errors.md: the failure, its exact error, and a base model left unchanged."""
+"""Every row of the README error table: the failure, its exact error, and a base model left unchanged."""
 
 import importlib.metadata
 import json
@@ -180,7 +180,7 @@ def other_base_shape_message(attribute: str, saved_shape: str, model_shape: str)
     )
 
 
-# (row id as in docs/errors.md, exception type, full message (regex), action)
+# (row id as in the README error table, exception type, full message (regex), action)
 ROWS = [
     ("forgot-import", KeyError, r"'SPARSE'", forgot_import),
     (
@@ -328,7 +328,8 @@ def test_error_row(tmp_path, saved, monkeypatch, exception, message, action):
 
 
 def test_error_table_lists_every_row():
-    table = (Path(__file__).parents[1] / "docs" / "errors.md").read_text()
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme.split("\n## Errors", 1)[1].split("\n## ", 1)[0]
     documented = re.findall(r"^\| `([a-z0-9-]+)` \|", table, flags=re.MULTILINE)
     assert documented == [row[0] for row in ROWS]
 
