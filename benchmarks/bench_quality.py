@@ -8,6 +8,9 @@ plus the method's own values (``learning_rate`` always). Tasks live in ``TASKS``
     python benchmarks/bench_quality.py --task classification --methods lora,sora
     python benchmarks/bench_quality.py --task classification --methods sora --grid   # tune, keep the best on dev
 
+The arithmetic SFT task (LIFT vs SFT vs LoRA vs full FT on SmolLM2) is ``quality_arithmetic.py``;
+its rows go into the same JSON.
+
 ``classification``: all-MiniLM-L6-v2 + a fresh 2-way head on SST-2 (``--data``): train on the
 first 4000 rows (1 epoch, batch 32, max length 64), pick grid points on rows 4000-5000, report
 accuracy on the last 2000 rows. Prints a markdown table; merges rows (by task and method)
@@ -160,14 +163,14 @@ def run_method(name: str, args) -> list[dict]:
     return tried
 
 
-def merge_results(task: str, method: str, tried: list[dict]) -> dict:
+def merge_results(task: str, method: str, tried: list[dict], score_key: str = "dev_accuracy") -> dict:
     """Add grid points to the stored row of (task, method) (a rerun setting replaces its old point);
-    the row's headline is the point with the best dev accuracy. Rows of other methods are kept."""
+    the row's headline is the point with the best ``score_key``. Rows of other methods are kept."""
     stored = json.loads(RESULTS.read_text())["rows"] if RESULTS.exists() else []
     old = next((row for row in stored if (row["task"], row["method"]) == (task, method)), {"grid": []})
     fresh = [point["settings"] for point in tried]
     grid = [point for point in old["grid"] if point["settings"] not in fresh] + tried
-    row = {**max(grid, key=lambda point: point["dev_accuracy"]), "grid": grid}
+    row = {**max(grid, key=lambda point: point[score_key]), "grid": grid}
     rows = [other for other in stored if (other["task"], other["method"]) != (task, method)] + [row]
     rows.sort(key=lambda other: (other["task"], other["method"]))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

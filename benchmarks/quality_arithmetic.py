@@ -1,0 +1,72 @@
+"""The arithmetic SFT quality task: LIFT vs SFT vs LoRA vs full FT on SmolLM2-135M.
+
+Each method trains with TRL's SFTTrainer (``examples/lift_arithmetic_trl.py``) for the same steps;
+adapters get LoRA rank ``r``'s number of trainable values. Scores: exact match on held-out
+problems, and the rise of the loss on held-out GSM8K questions (forgetting). Rows are merged into
+``benchmarks/results/bench_quality.json`` (task "arithmetic") next to the classification rows.
+
+    python benchmarks/quality_arithmetic.py --methods lift,sft,lora,full --steps 80 --batch-size 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import lift_arithmetic_trl  # noqa: E402  (examples/ is not a package)
+from bench_quality import environment, merge_results  # noqa: E402
+
+ARITHMETIC_METHODS = lift_arithmetic_trl.METHODS
+# Learning rates: full FT and LoRA from ../shared/BENCHMARKS.md; SFT as in the SFT demo; LIFT trains
+# a few % of every matrix, between the two.
+DEFAULT_LEARNING_RATES = {"lift": 5e-4, "sft": 1e-3, "lora": 1e-3, "full": 2e-5}
+
+
+def run_arithmetic(method: str, settings: dict, args: argparse.Namespace) -> dict:
+    """Train ``method`` on generated arithmetic and score it; ``settings``: ``r``, ``learning_rate``, ``steps``, ``batch_size``, ``eval_problems``."""
+    with tempfile.TemporaryDirectory() as output_dir:
+        example_args = lift_arithmetic_trl.argument_parser().parse_args([
+            "--method", method, "--learning-rate", str(settings["learning_rate"]),
+            "--budget-rank", str(settings["r"]), "--steps", str(settings["steps"]),
+            "--batch-size", str(settings["batch_size"]), "--eval-problems", str(settings["eval_problems"]),
+            "--output-dir", output_dir, "--seed", str(args.seed),
+        ])  # fmt: skip
+        if args.model:
+            example_args.model = args.model
+        return lift_arithmetic_trl.train_and_evaluate(example_args)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default=",".join(ARITHMETIC_METHODS), help=f"from {ARITHMETIC_METHODS}")
+    parser.add_argument("--r", type=int, default=16, help="LoRA rank whose parameter count every adapter gets")
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--eval-problems", type=int, default=128)
+    parser.add_argument("--model", default=None, help="causal LM id or path (default: embedded SmolLM2-135M)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    rows = []
+    for method in args.methods.split(","):
+        settings = {"r": args.r, "learning_rate": DEFAULT_LEARNING_RATES[method], "steps": args.steps,
+                    "batch_size": args.batch_size, "eval_problems": args.eval_problems}
+        started = time.perf_counter()
+        metrics = run_arithmetic(method, settings, args)
+        point = {"task": "arithmetic", "method": method, "settings": settings, **metrics,
+                 "wall_seconds": round(time.perf_counter() - started), "environment": environment()}
+        print(json.dumps(point), flush=True)
+        rows.append(merge_results("arithmetic", method, [point], score_key="exact_match"))
+    print("| method | trainable | exact match | general-text loss rise | train s |")
+    print("|---|---:|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row['method']} | {row['trainable_params']:,} | {row['exact_match']:.1%} "
+              f"| {row['general_loss_rise']:+.3f} | {row['train_seconds']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
