@@ -4,12 +4,36 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from peft.config import PeftConfig
 
 from .format_version import FORMAT_VERSION, __version__, check_format_version
 from .loading import check_adapter_weights_file
+
+
+def check_choice(name: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_fraction(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+
+
+def check_target_modules(name: str, value) -> None:
+    if value is None or isinstance(value, str):
+        return
+    if not isinstance(value, (list, tuple, set)) or not all(isinstance(item, str) for item in value):
+        raise ValueError(f"{name} must be None, a string, or a list of strings, got {value!r}")
+    if not value:
+        raise ValueError(f"{name} must not be empty")
 
 
 @dataclass
@@ -23,6 +47,16 @@ class PeftSparseConfig(PeftConfig):
     complete, and marks the config so that a failed checkpoint load is rolled back.
     """
 
+    target_modules: Optional[Union[list[str], str]] = field(
+        default="all-linear",
+        metadata={"help": "Module names or a regex to adapt; 'all-linear' takes every linear layer but the output head."},
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or a regex to leave out."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules trained in full and saved with the adapter (e.g. a new head)."}
+    )
     peft_sparse_version: str = field(
         default=__version__, metadata={"help": "peft_sparse version that saved this adapter (set on save)."}
     )
@@ -34,6 +68,8 @@ class PeftSparseConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_format_version(self.format_version, self.peft_sparse_version)
+        check_target_modules("target_modules", self.target_modules)
+        check_target_modules("exclude_modules", self.exclude_modules)
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         self.peft_sparse_version, self.format_version = __version__, FORMAT_VERSION

@@ -7,9 +7,8 @@ from typing import Optional, Union
 
 from peft.utils.peft_types import PeftType
 
-from ...config_base import PeftSparseConfig
+from ...config_base import PeftSparseConfig, check_choice, check_fraction, check_positive_int
 from ...sparse.principal import SVD_METHODS
-from ..sparse.config import check_choice, check_fraction, check_positive_int, check_target_modules
 
 
 @dataclass
@@ -51,16 +50,6 @@ class LiftConfig(PeftSparseConfig):
             "steps (needs SparseUpdateCallback). None: the mask is fixed."
         },
     )
-    target_modules: Optional[Union[list[str], str]] = field(
-        default=None,
-        metadata={"help": "Module names or a regex to adapt; 'all-linear' (the default) takes every linear layer."},
-    )
-    exclude_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Module names or a regex to leave out."}
-    )
-    modules_to_save: Optional[list[str]] = field(
-        default=None, metadata={"help": "Modules trained in full and saved with the adapter (e.g. a new head)."}
-    )
     init_seed: int = field(default=42, metadata={"help": "Seed of the randomized SVD (per layer)."})
 
     def __post_init__(self) -> None:
@@ -85,8 +74,6 @@ class LiftConfig(PeftSparseConfig):
         check_positive_int("svd_power_iterations", self.svd_power_iterations)
         if self.mask_update_interval is not None:
             check_positive_int("mask_update_interval", self.mask_update_interval)
-        check_target_modules("target_modules", self.target_modules)
-        check_target_modules("exclude_modules", self.exclude_modules)
         if isinstance(self.init_seed, bool) or not isinstance(self.init_seed, int) or self.init_seed < 0:
             raise ValueError(f"init_seed must be a non-negative integer, got {self.init_seed!r}")
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Optional
 
 from peft.utils.peft_types import PeftType
 
 from triton_kernels.snell_matmul import KERNELS
 
-from ...config_base import PeftSparseConfig
-from ..sparse.config import check_choice, check_positive_int, check_target_modules
+from ...config_base import PeftSparseConfig, check_choice, check_positive_int
 
 ALLOCATIONS = ("none", "snella")
 
@@ -87,16 +86,6 @@ class SnellConfig(PeftSparseConfig):
             "sqrt(q(1-q)/m)); None = exact k-th value over the whole matrix."
         },
     )
-    target_modules: Optional[Union[list[str], str]] = field(
-        default=None,
-        metadata={"help": "Module names or a regex to adapt; 'all-linear' (the default) takes every linear layer."},
-    )
-    exclude_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Module names or a regex to leave out."}
-    )
-    modules_to_save: Optional[list[str]] = field(
-        default=None, metadata={"help": "Modules trained in full and saved with the adapter (e.g. a new head)."}
-    )
     allocation: str = field(
         default="none", metadata={"help": "'none' (fixed sparsity) or 'snella' (per-layer budgets by importance)."}
     )
@@ -144,8 +133,6 @@ class SnellConfig(PeftSparseConfig):
             )
         if self.threshold_sample_size is not None:
             check_positive_int("threshold_sample_size", self.threshold_sample_size)
-        check_target_modules("target_modules", self.target_modules)
-        check_target_modules("exclude_modules", self.exclude_modules)
         self._check_allocation()
 
     def _check_allocation(self) -> None:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Optional
 
 from peft.utils.peft_types import PeftType
 
-from ...config_base import PeftSparseConfig
-from ..sparse.config import check_choice, check_positive_int, check_target_modules
+from ...config_base import PeftSparseConfig, check_choice, check_positive_int
 from .proximal import XI_SCHEDULES, scheduled_xi
 
 GATE_INITS = ("ones", "randn")
@@ -40,16 +39,6 @@ class SoraConfig(PeftSparseConfig):
     r: int = field(default=8, metadata={"help": "Starting rank of every adapted layer."})
     alpha: float = field(default=8.0, metadata={"help": "The delta is scaled by alpha / r (as lora_alpha)."})
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input, in [0, 1)."})
-    target_modules: Optional[Union[list[str], str]] = field(
-        default="all-linear",
-        metadata={"help": "Module names or a regex to adapt; 'all-linear' takes every linear layer but the head."},
-    )
-    exclude_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Module names or a regex to leave out."}
-    )
-    modules_to_save: Optional[list[str]] = field(
-        default=None, metadata={"help": "Modules trained in full and saved with the adapter (e.g. a new head)."}
-    )
     gate_init: str = field(
         default="ones",
         metadata={"help": "'ones' (SoRA starts as LoRA) or 'randn' (standard normal, as the reference)."},
@@ -85,8 +74,6 @@ class SoraConfig(PeftSparseConfig):
         check_number("dropout", self.dropout)
         if self.dropout >= 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        check_target_modules("target_modules", self.target_modules)
-        check_target_modules("exclude_modules", self.exclude_modules)
         check_choice("gate_init", self.gate_init, GATE_INITS)
         if self.gate_lr is not None:
             check_number("gate_lr", self.gate_lr, allow_minimum=False)

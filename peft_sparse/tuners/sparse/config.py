@@ -3,38 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Optional
 
 from peft.utils.peft_types import PeftType
 
-from ...config_base import PeftSparseConfig
+from ...config_base import PeftSparseConfig, check_choice, check_fraction, check_positive_int
 
 SELECTIONS = ("ag", "ma", "random")
 RATE_SCHEDULES = ("linear", "cosine", "constant")
 
 
-def check_choice(name: str, value, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-
-
-def check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def check_fraction(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
-
-
-def check_target_modules(name: str, value) -> None:
-    if value is None or isinstance(value, str):
-        return
-    if not isinstance(value, (list, tuple, set)) or not all(isinstance(item, str) for item in value):
-        raise ValueError(f"{name} must be None, a string, or a list of strings, got {value!r}")
-    if not value:
-        raise ValueError(f"{name} must not be empty")
 
 
 @dataclass
@@ -77,16 +55,6 @@ class SparseConfig(PeftSparseConfig):
         default="linear",
         metadata={"help": "Decay of the replaced fraction over training: 'linear', 'cosine' or 'constant'."},
     )
-    target_modules: Optional[Union[list[str], str]] = field(
-        default=None,
-        metadata={"help": "Module names or a regex to adapt; 'all-linear' (the default) takes every linear layer."},
-    )
-    exclude_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Module names or a regex to leave out."}
-    )
-    modules_to_save: Optional[list[str]] = field(
-        default=None, metadata={"help": "Modules trained in full and saved with the adapter (e.g. a new head)."}
-    )
     init_seed: int = field(default=42, metadata={"help": "Seed of the random initial indices (per layer)."})
 
     def __post_init__(self) -> None:
@@ -103,8 +71,6 @@ class SparseConfig(PeftSparseConfig):
             )
         check_fraction("initial_reselection_rate", self.initial_reselection_rate)
         check_choice("reselection_rate_schedule", self.reselection_rate_schedule, RATE_SCHEDULES)
-        check_target_modules("target_modules", self.target_modules)
-        check_target_modules("exclude_modules", self.exclude_modules)
         if isinstance(self.init_seed, bool) or not isinstance(self.init_seed, int) or self.init_seed < 0:
             raise ValueError(f"init_seed must be a non-negative integer, got {self.init_seed!r}")
 
