@@ -15,7 +15,7 @@ from peft_sparse.tuners.sora.proximal import scheduled_xi, soft_threshold_
 from tests.conftest import make_mlp, make_tiny_gpt2, make_tiny_llama
 from tests.test_trainer import repeating_sequences, training_args
 from tests.test_trl import alphabet_runs, character_tokenizer
-from trl_callbacks import SoraCallback
+from trl_callbacks import SoraCallback, isolate_param_group
 
 
 def randomize_sora(model: nn.Module, adapter_name: str = "default", seed: int = 1) -> None:
@@ -238,6 +238,20 @@ def test_user_built_gate_group_is_kept(tmp_path):
     trainer.train()
     assert len(optimizer.param_groups) == 2 and optimizer.param_groups[1]["lr"] == 3e-2
     assert trainer.state.log_history[-1]["sora/threshold"] == pytest.approx(3e-2 * 0.1)
+
+
+def test_isolating_a_group_needs_a_lambda_schedule():
+    first, second = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.AdamW([first, second], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (step + 1))
+    scheduler.step()
+    group = isolate_param_group(optimizer, scheduler, [second], lr=1.0)
+    assert [len(g["params"]) for g in optimizer.param_groups] == [1, 1] and group["lr"] == 0.5
+    scheduler.step()
+    assert group["lr"] == pytest.approx(1 / 3) and optimizer.param_groups[0]["lr"] == pytest.approx(0.1 / 3)
+    step_schedule = torch.optim.lr_scheduler.StepLR(torch.optim.AdamW([first, second], lr=0.1), step_size=2)
+    with pytest.raises(ValueError, match="lr_scheduler must be a LambdaLR .* got StepLR"):
+        isolate_param_group(step_schedule.optimizer, step_schedule, [first], lr=1.0)
 
 
 def test_sft_trainer_wraps_and_trains_sora(tmp_path):

@@ -47,7 +47,7 @@ class SoraCallback(LoggingCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         super().on_train_begin(args, state, control, **kwargs)
-        self._thresholds = {}
+        self._gate_groups, self._thresholds = {}, {}
         if optimizer is None:
             return
         for tuner, adapter_name, config in sora_adapters(model):
