@@ -25,7 +25,8 @@ def export_sora_to_lora(model: PeftModel, out_dir: Union[str, PathLike], adapter
 
     Ranks with a zero gate are dropped and the gates are folded into B: per layer
     ``A' = A[keep]`` [r', in], ``B' = B[:, keep] * g[keep]`` [out, r'], with ``rank_pattern``
-    ``r'`` and ``alpha_pattern`` ``s * r'`` so the scale ``s = alpha / r`` is unchanged. A layer
+    ``r'`` and ``alpha_pattern`` ``s * r'`` so the scale ``s = alpha / r`` is unchanged (and equal to
+    the global ``lora_alpha / r``, so a server that ignores the patterns scales correctly too). A layer
     whose gates are all zero is left out of ``target_modules``. Other saved modules
     (``modules_to_save``) are copied. The folder is written to a temporary sibling and renamed,
     so ``out_dir`` is never left half-written.

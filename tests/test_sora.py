@@ -147,8 +147,12 @@ def test_safe_merge_rejects_non_finite_delta():
     model = get_peft_model(make_mlp(), SoraConfig(r=2, target_modules=["0"]))
     with torch.no_grad():
         model.base_model.model[0].sora_B["default"].fill_(float("inf"))
+    weight = model.base_model.model[0].base_layer.weight.detach().clone()
     with pytest.raises(ValueError, match="NaNs detected in the merged weights"):
         model.merge_adapter(safe_merge=True)
+    assert torch.equal(model.base_model.model[0].base_layer.weight, weight)
+    with pytest.warns(UserWarning, match="Already unmerged"):
+        model.base_model.model[0].unmerge()
 
 
 def test_multiple_adapters_switch_and_delete(input_ids):

@@ -94,6 +94,7 @@ def test_export_loads_in_stock_peft_without_peft_sparse(tmp_path, input_ids):
         assert len(saved["target_modules"]) == len(list(model.base_model.sora_layers())) - 1
         assert set(saved["rank_pattern"].values()) == {3}
         assert list(saved["alpha_pattern"].values()) == pytest.approx([1.5 * 3] * len(saved["target_modules"]))
+        assert saved["lora_alpha"] / saved["r"] == 1.5  # the same scale for servers that ignore the patterns
         tensors = load_file(lora_dir / "adapter_model.safetensors")
         layer = model.base_model.model.get_submodule(some_layer)
         keep = [0, 2, 3]

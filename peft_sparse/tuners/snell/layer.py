@@ -8,18 +8,18 @@ for backward. Merging adds ``E`` to the base weight once, so a merged model has 
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Optional
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from triton_kernels.snell_matmul import KernelSpec, kernel_matrix, snell_delta_matmul, sparse_delta
 
-from ...quantization import check_merge_supported, delta_dtype, keep_trainable_layout, weight_matrix_shape
+from ...additive_delta import AdditiveDeltaMerge
+from ...quantization import delta_dtype, keep_trainable_layout, weight_matrix_shape
 from ...sparse.layer import SUPPORTED_BASE_LAYERS
 from .config import SnellConfig
 from .threshold import keep_threshold
@@ -30,7 +30,7 @@ def kept_count(num_entries: int, sparsity: float) -> int:
     return num_entries - round(sparsity * num_entries)
 
 
-class SnellLayer(BaseTunerLayer):
+class SnellLayer(AdditiveDeltaMerge, BaseTunerLayer):
     """Adapter state of SNELL on one weight matrix, keyed by adapter name.
 
     ``snell_input_factors[name]`` [H, in, r / H] and ``snell_output_factors[name]`` [H, out, r / H]
@@ -132,28 +132,6 @@ class SnellLayer(BaseTunerLayer):
         return (delta.T if self.weight_is_transposed else delta).to(delta_dtype(self.get_base_layer()))
 
     # --- peft layer API -----------------------------------------------------------------------
-
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Add the deltas to the base weight (``safe_merge`` checks the result for NaN/Inf first)."""
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        adapter_names = [name for name in adapter_names if name in self.snell_input_factors]
-        check_merge_supported(self.get_base_layer(), adapter_names)
-        weight = self.get_base_layer().weight
-        for name in adapter_names:
-            delta = self.get_delta_weight(name)
-            if safe_merge and not torch.isfinite(weight.data + delta).all():
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-            weight.data += delta
-            self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        """Subtract the merged deltas again (exact up to float rounding, as for LoRA)."""
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
-            return
-        weight = self.get_base_layer().weight
-        while self.merged_adapters:
-            weight.data -= self.get_delta_weight(self.merged_adapters.pop())
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return False

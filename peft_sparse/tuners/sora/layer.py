@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import math
-import warnings
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ...quantization import check_merge_supported, delta_dtype, keep_trainable_layout, weight_matrix_shape
+from ...additive_delta import AdditiveDeltaMerge
+from ...quantization import delta_dtype, keep_trainable_layout, weight_matrix_shape
 from ...sparse.layer import SUPPORTED_BASE_LAYERS
 
 
-class SoraLayer(BaseTunerLayer):
+class SoraLayer(AdditiveDeltaMerge, BaseTunerLayer):
     """Adapter state of one target layer, keyed by adapter name.
 
     Per adapter: ``sora_A`` [r, in] (Kaiming uniform), ``sora_B`` [out, r] (zeros),
@@ -74,36 +72,6 @@ class SoraLayer(BaseTunerLayer):
         gated_b = self.sora_B[adapter_name] * self.sora_gate[adapter_name]  # [out, r]
         delta = (gated_b @ self.sora_A[adapter_name]) * self.scaling[adapter_name]  # [out, in]
         return (delta.T if self.weight_is_transposed else delta).to(delta_dtype(self.get_base_layer()))
-
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Add the deltas to the base weight (``safe_merge``: on a copy, raising on NaN/Inf)."""
-        adapter_names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.sora_A]
-        check_merge_supported(self.get_base_layer(), adapter_names)
-        weight = self.get_base_layer().weight
-        for adapter_name in adapter_names:
-            with torch.no_grad():
-                delta = self.get_delta_weight(adapter_name)
-                if safe_merge:
-                    merged = weight.data + delta
-                    if not torch.isfinite(merged).all():
-                        raise ValueError(
-                            f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken"
-                        )
-                    weight.data = merged
-                else:
-                    weight.data += delta
-            self.merged_adapters.append(adapter_name)
-
-    def unmerge(self) -> None:
-        """Subtract the merged deltas again (last merged first)."""
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
-            return
-        weight = self.get_base_layer().weight
-        while self.merged_adapters:
-            adapter_name = self.merged_adapters.pop()
-            with torch.no_grad():
-                weight.data -= self.get_delta_weight(adapter_name)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return True

@@ -1,0 +1,43 @@
+"""Merge and unmerge for adapter layers whose delta is a dense matrix added to the base weight."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+from peft.tuners.tuners_utils import check_adapters_to_merge
+
+from .quantization import check_merge_supported
+
+
+class AdditiveDeltaMerge:
+    """peft's ``merge`` / ``unmerge`` for a ``BaseTunerLayer`` with ``get_delta_weight(adapter_name)``.
+
+    The layer's first ``adapter_layer_names`` entry tells which adapters it holds. Merging adds
+    each delta to the base weight (``safe_merge``: the sum is checked for NaN/Inf before it is
+    written); unmerging subtracts them again, last merged first (exact up to float rounding, as
+    for LoRA). A quantized base layer is refused by ``check_merge_supported``.
+    """
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        held = getattr(self, self.adapter_layer_names[0])
+        adapter_names = [name for name in check_adapters_to_merge(self, adapter_names) if name in held]
+        check_merge_supported(self.get_base_layer(), adapter_names)
+        weight = self.get_base_layer().weight
+        for adapter_name in adapter_names:
+            delta = self.get_delta_weight(adapter_name)
+            if safe_merge and not torch.isfinite(weight.data + delta).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken")
+            weight.data += delta
+            self.merged_adapters.append(adapter_name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        weight = self.get_base_layer().weight
+        while self.merged_adapters:
+            weight.data -= self.get_delta_weight(self.merged_adapters.pop())
