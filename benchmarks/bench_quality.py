@@ -92,11 +92,14 @@ def adapter_ranks(model: nn.Module) -> dict:
 
 
 METHODS: dict[str, Method] = {
-    "lora": Method(build_lora, {"learning_rate": 1e-3},
-                   [{"learning_rate": lr} for lr in (5e-4, 1e-3, 2e-3)], adapter_ranks),
-    "sora": Method(build_sora, {"learning_rate": 1e-3, "gate_lr": 5e-2, "xi_schedule": "linear", "xi_start": 0.0,
-                                "xi_end": 2.0},
-                   [{"learning_rate": 1e-3, "gate_lr": g, "xi_end": x} for g in (2e-2, 5e-2) for x in (1.0, 2.0)],
+    "lora": Method(build_lora, {"learning_rate": 3e-3},
+                   [{"learning_rate": lr} for lr in (5e-4, 1e-3, 2e-3, 3e-3, 5e-3)], adapter_ranks),
+    # xi constant: the threshold gate_lr_t * xi follows the LR schedule, so ranks die early while the rest
+    # can still adapt; xi 0.5 leaves ~60-70% of the ranks alive after the 125 steps here
+    "sora": Method(build_sora,
+                   {"learning_rate": 3e-3, "gate_lr": 5e-2, "xi_schedule": "constant", "xi_start": 0.5, "xi_end": 0.5},
+                   [{"learning_rate": lr, "gate_lr": 5e-2, "xi_schedule": "constant", "xi_start": xi, "xi_end": xi}
+                    for lr in (2e-3, 3e-3, 5e-3) for xi in (0.5, 0.7)],
                    adapter_ranks),
     "snell": Method(build_snell, {"learning_rate": 5e-3, "sparsity": 0.9},
                     [{"learning_rate": lr, "sparsity": s} for lr in (2e-3, 5e-3, 1e-2) for s in (0.5, 0.9)]),
@@ -150,16 +153,28 @@ def parse_settings(pairs: list[str]) -> dict:
     return settings
 
 
+def average_runs(runs: list[dict]) -> dict:
+    """Mean of each metric over ``runs``; a value that every run shares (a parameter count) is kept as is."""
+    return {
+        key: runs[0][key] if all(run[key] == runs[0][key] for run in runs) else sum(run[key] for run in runs) / len(runs)
+        for key in runs[0]
+    }
+
+
 def run_method(name: str, args) -> list[dict]:
-    """Train and score each requested setting of ``name``; one grid point per setting."""
+    """Train and score each requested setting of ``name`` once per seed; one grid point per setting,
+    with numeric metrics averaged over the seeds and the accuracy of each seed kept."""
     method = METHODS[name]
     points = method.grid if args.grid else [{**method.default, **parse_settings(args.set)}]
     tried = []
     for point in points:
         settings = {"r": args.r, **point}
-        metrics = TASKS[args.task](method, settings, args)
+        runs = [TASKS[args.task](method, settings, argparse.Namespace(**{**vars(args), "seed": seed}))
+                for seed in args.seeds]
+        metrics = {**average_runs(runs), "accuracy_by_seed": [run["accuracy"] for run in runs]}
         print(f"  {name} {point}: {json.dumps(metrics)}", flush=True)
-        tried.append({"task": args.task, "method": name, "settings": settings, **metrics, "environment": environment()})
+        tried.append({"task": args.task, "method": name, "settings": settings, "seeds": args.seeds, **metrics,
+                      "environment": environment()})
     return tried
 
 
@@ -180,14 +195,15 @@ def merge_results(task: str, method: str, tried: list[dict], score_key: str = "d
 
 def markdown_table(rows: list[dict]) -> str:
     lines = [
-        "| task | method | settings | accuracy | dev accuracy | trainable params | live rank (fraction) | train s |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| task | method | settings | seeds | accuracy | dev accuracy | trainable params | live rank (fraction) | train s |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         settings = ", ".join(f"{k}={v}" for k, v in row["settings"].items())
-        rank = f"{row['live_rank']} ({row['live_rank_fraction']:.0%})" if "live_rank" in row else "-"
+        rank = f"{row['live_rank']:.0f} ({row['live_rank_fraction']:.0%})" if "live_rank" in row else "-"
+        seeds = ",".join(map(str, row.get("seeds", [0])))
         lines.append(
-            f"| {row['task']} | {row['method']} | {settings} | {row['accuracy']:.1%} | {row['dev_accuracy']:.1%} | "
+            f"| {row['task']} | {row['method']} | {settings} | {seeds} | {row['accuracy']:.1%} | {row['dev_accuracy']:.1%} | "
             f"{row['trainable_params']:,} | {rank} | {row['train_seconds']:.0f} |"
         )
     return "\n".join(lines)
@@ -203,7 +219,8 @@ def main() -> None:
     parser.add_argument("--r", type=int, default=8, help="LoRA rank = SoRA starting rank; others match its budget")
     parser.add_argument("--model", default=None, help="encoder id or path (default: embedded all-MiniLM-L6-v2)")
     parser.add_argument("--data", default=str(sst2_task.DEFAULT_DATA), help="SST-2 train.tsv")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=lambda text: [int(seed) for seed in text.split(",")], default=[0],
+                        help="comma-separated seeds (head init, data order); metrics are averaged over them")
     args = parser.parse_args()
     names = args.methods.split(",")
     unknown = sorted(set(names) - set(METHODS))

@@ -6,6 +6,7 @@ problems, and the rise of the loss on held-out GSM8K questions (forgetting). Row
 ``benchmarks/results/bench_quality.json`` (task "arithmetic") next to the classification rows.
 
     python benchmarks/quality_arithmetic.py --methods lift,sft,lora,full --steps 80 --batch-size 16
+    python benchmarks/quality_arithmetic.py --methods lora --lr-multipliers 0.5,2   # learning-rate grid
 """
 
 from __future__ import annotations
@@ -50,22 +51,25 @@ def main() -> None:
     parser.add_argument("--eval-problems", type=int, default=128)
     parser.add_argument("--model", default=None, help="causal LM id or path (default: embedded SmolLM2-135M)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr-multipliers", type=lambda text: [float(value) for value in text.split(",")],
+                        default=[1.0], help="learning-rate grid: multiples of each method's default, e.g. 0.5,1,2")
     args = parser.parse_args()
     rows = []
-    for method in args.methods.split(","):
-        settings = {"r": args.r, "learning_rate": DEFAULT_LEARNING_RATES[method], "steps": args.steps,
+    for method, multiplier in [(m, x) for m in args.methods.split(",") for x in args.lr_multipliers]:
+        settings = {"r": args.r, "learning_rate": DEFAULT_LEARNING_RATES[method] * multiplier, "steps": args.steps,
                     "batch_size": args.batch_size, "eval_problems": args.eval_problems}
         started = time.perf_counter()
         metrics = run_arithmetic(method, settings, args)
         point = {"task": "arithmetic", "method": method, "settings": settings, **metrics,
                  "wall_seconds": round(time.perf_counter() - started), "environment": environment()}
         print(json.dumps(point), flush=True)
-        rows.append(merge_results("arithmetic", method, [point], score_key="exact_match"))
-    print("| method | trainable | exact match | general-text loss rise | train s |")
-    print("|---|---:|---:|---:|---:|")
+        merge_results("arithmetic", method, [point], score_key="exact_match")
+        rows.append(point)
+    print("| method | lr | trainable | exact match | general-text loss rise | train s |")
+    print("|---|---:|---:|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['method']} | {row['trainable_params']:,} | {row['exact_match']:.1%} "
-              f"| {row['general_loss_rise']:+.3f} | {row['train_seconds']:.0f} |")
+        print(f"| {row['method']} | {row['settings']['learning_rate']:.0e} | {row['trainable_params']:,} "
+              f"| {row['exact_match']:.1%} | {row['general_loss_rise']:+.3f} | {row['train_seconds']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ chat template and the loss on the answer tokens only; scored by exact match of g
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import random
@@ -133,3 +134,35 @@ def text_loss(model, tokenizer, texts: list[str], batch_size: int = 16) -> float
         total_loss += model(**batch, labels=labels).loss.item() * tokens
         total_tokens += tokens
     return total_loss / total_tokens
+
+
+def add_run_arguments(
+    parser: argparse.ArgumentParser, *, steps: int, batch_size: int, learning_rate: float, eval_problems: int,
+    output_dir: str,
+) -> argparse.ArgumentParser:
+    """Add the options every arithmetic example shares (model, schedule, evaluation, output, seed)."""
+    parser.add_argument("--model", default=None, help="causal LM id or path (default: embedded SmolLM2-135M)")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--learning-rate", type=float, default=learning_rate)
+    parser.add_argument("--eval-problems", type=int, default=eval_problems)
+    parser.add_argument("--output-dir", default=output_dir)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def load_and_score(args: argparse.Namespace):
+    """Seed, load ``args.model`` and score it before training: (model, tokenizer, eval problems, scores)."""
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    eval_problems = arithmetic_problems(args.eval_problems, seed=args.seed + 1000)
+    return model, tokenizer, eval_problems, evaluate(model, tokenizer, eval_problems)
+
+
+def schedule_arguments(args: argparse.Namespace) -> dict:
+    """Trainer / SFTConfig keywords of the examples' schedule: cosine decay after 5% warm-up, no checkpoints, CPU."""
+    return {
+        "output_dir": args.output_dir, "max_steps": args.steps, "per_device_train_batch_size": args.batch_size,
+        "learning_rate": args.learning_rate, "lr_scheduler_type": "cosine", "warmup_steps": max(1, args.steps // 20),
+        "logging_steps": 10, "save_strategy": "no", "report_to": [], "use_cpu": True, "seed": args.seed,
+    }  # fmt: skip

@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from trl import SFTConfig, SFTTrainer
 
 from arithmetic_task import (
-    DEFAULT_GENERAL_TEXT, arithmetic_problems, conversational_dataset, evaluate, load_model_and_tokenizer,
-    read_general_texts, text_loss,
+    DEFAULT_GENERAL_TEXT, add_run_arguments, arithmetic_problems, conversational_dataset, evaluate, load_and_score,
+    read_general_texts, schedule_arguments, text_loss,
 )  # fmt: skip
 from peft_sparse import LiftConfig, SparseConfig
 from trl_callbacks import SparseUpdateCallback
@@ -58,21 +57,14 @@ def prepare(method: str, model: nn.Module, budget_rank: int, lift_rank: int, mas
 
 def train_and_evaluate(args: argparse.Namespace) -> dict:
     """Train one method with SFTTrainer and return its scores (before/after exact match, general-text loss)."""
-    torch.manual_seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer(args.model)
-    eval_problems = arithmetic_problems(args.eval_problems, seed=args.seed + 1000)
+    model, tokenizer, eval_problems, before = load_and_score(args)
     general_texts = read_general_texts(args.general_text) if args.general_text else []
     general_before = text_loss(model, tokenizer, general_texts) if general_texts else None
-    before = evaluate(model, tokenizer, eval_problems)
 
     model, callbacks = prepare(args.method, model, args.budget_rank, args.lift_rank, args.mask_update_interval)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     train_set = conversational_dataset(arithmetic_problems(args.steps * args.batch_size, seed=args.seed))
-    training_args = SFTConfig(
-        output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-        learning_rate=args.learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, args.steps // 20),
-        logging_steps=10, save_strategy="no", report_to=[], use_cpu=True, seed=args.seed,
-    )
+    training_args = SFTConfig(**schedule_arguments(args))
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_set, processing_class=tokenizer,
                          callbacks=callbacks)
     started = time.perf_counter()
@@ -84,7 +76,7 @@ def train_and_evaluate(args: argparse.Namespace) -> dict:
     return {
         "method": args.method, "trainable_params": trainable, "train_seconds": round(train_seconds, 1),
         "exact_match_before": before["exact_match"], "exact_match": after["exact_match"],
-        "answer_loss": after["answer_loss"],
+        "answer_loss_before": before["answer_loss"], "answer_loss": after["answer_loss"],
         "general_loss_rise": None if general_before is None else general_after - general_before,
     }  # fmt: skip
 
@@ -92,18 +84,13 @@ def train_and_evaluate(args: argparse.Namespace) -> dict:
 def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", default="lift", choices=METHODS)
-    parser.add_argument("--model", default=None, help="causal LM id or path (default: embedded SmolLM2-135M)")
-    parser.add_argument("--steps", type=int, default=80)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--learning-rate", type=float, default=5e-4)
+    add_run_arguments(parser, steps=80, batch_size=16, learning_rate=5e-4, eval_problems=128,
+                      output_dir="outputs/lift-arithmetic")
     parser.add_argument("--budget-rank", type=int, default=16, help="LoRA rank whose parameter count all adapters get")
     parser.add_argument("--lift-rank", type=int, default=128, help="rank of LIFT's low-rank approximation")
     parser.add_argument("--mask-update-interval", type=int, default=None, help="LIFT mask refresh (steps)")
-    parser.add_argument("--eval-problems", type=int, default=128)
     parser.add_argument("--general-text", default=str(DEFAULT_GENERAL_TEXT) if DEFAULT_GENERAL_TEXT.exists() else None,
                         help="GSM8K-style .jsonl for the forgetting check (default: ../shared/data when present)")
-    parser.add_argument("--output-dir", default="outputs/lift-arithmetic")
-    parser.add_argument("--seed", type=int, default=0)
     return parser
 
 

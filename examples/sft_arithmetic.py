@@ -12,32 +12,26 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
 from peft import get_peft_model
 from transformers import Trainer, TrainingArguments
 
 import peft_sparse
-from arithmetic_task import arithmetic_problems, evaluate, load_model_and_tokenizer, pad_batch, training_example
+from arithmetic_task import (
+    add_run_arguments, arithmetic_problems, evaluate, load_and_score, pad_batch, schedule_arguments, training_example,
+)  # fmt: skip
 from trl_callbacks import SparseUpdateCallback
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Train, score and save the adapter; returns the scores before and after training."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="causal LM id or path (default: embedded SmolLM2-135M)")
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    add_run_arguments(parser, steps=60, batch_size=8, learning_rate=1e-3, eval_problems=64,
+                      output_dir="outputs/sft-arithmetic")
     parser.add_argument("--density", type=float, default=0.01)
     parser.add_argument("--selection", default="ag", choices=["ag", "ma", "random"])
-    parser.add_argument("--eval-problems", type=int, default=64)
-    parser.add_argument("--output-dir", default="outputs/sft-arithmetic")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    torch.manual_seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer(args.model)
-    eval_problems = arithmetic_problems(args.eval_problems, seed=args.seed + 1000)
-    before = evaluate(model, tokenizer, eval_problems)
+    model, tokenizer, eval_problems, before = load_and_score(args)
     print(f"before: exact match {before['exact_match']:.1%}, answer loss {before['answer_loss']:.3f}")
 
     config = peft_sparse.SparseConfig(
@@ -48,12 +42,7 @@ def main() -> None:
     model.print_trainable_parameters()
     train_set = [training_example(tokenizer, q, a)
                  for q, a in arithmetic_problems(args.steps * args.batch_size, seed=args.seed)]
-    training_args = TrainingArguments(
-        output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-        learning_rate=args.learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, args.steps // 20),
-        logging_steps=10, save_strategy="no", report_to=[], use_cpu=True, seed=args.seed,
-        remove_unused_columns=False,
-    )
+    training_args = TrainingArguments(**schedule_arguments(args), remove_unused_columns=False)
     trainer = Trainer(
         model=model, args=training_args, train_dataset=train_set,
         data_collator=lambda examples: pad_batch(examples, tokenizer.pad_token_id),
@@ -67,6 +56,7 @@ def main() -> None:
     print(f"after:  exact match {after['exact_match']:.1%}, answer loss {after['answer_loss']:.3f}")
     model.save_pretrained(args.output_dir)
     print(f"adapter saved to {args.output_dir}")
+    return {"before": before, "after": after}
 
 
 if __name__ == "__main__":

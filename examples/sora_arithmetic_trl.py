@@ -14,33 +14,27 @@ import json
 import time
 from pathlib import Path
 
-import torch
 from peft import get_peft_model
 from trl import SFTConfig, SFTTrainer
 
-from arithmetic_task import arithmetic_problems, conversational_dataset, evaluate, load_model_and_tokenizer
+from arithmetic_task import (
+    add_run_arguments, arithmetic_problems, conversational_dataset, evaluate, load_and_score, schedule_arguments,
+)  # fmt: skip
 from peft_sparse import SoraConfig, export_sora_to_lora
 from trl_callbacks import SoraCallback
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Train, score and export; returns the scores, the live rank and the exported LoRA's folder."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="causal LM id or path (default: embedded SmolLM2-135M)")
-    parser.add_argument("--steps", type=int, default=80)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    add_run_arguments(parser, steps=80, batch_size=16, learning_rate=1e-3, eval_problems=128,
+                      output_dir="outputs/sora-arithmetic")
     parser.add_argument("--r", type=int, default=16, help="starting rank")
     parser.add_argument("--gate-lr", type=float, default=5e-2)
     parser.add_argument("--xi-end", type=float, default=2.0, help="xi rises linearly from 0 to this")
-    parser.add_argument("--eval-problems", type=int, default=128)
-    parser.add_argument("--output-dir", default="outputs/sora-arithmetic")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    torch.manual_seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer(args.model)
-    eval_problems = arithmetic_problems(args.eval_problems, seed=args.seed + 1000)
-    before = evaluate(model, tokenizer, eval_problems)
+    model, tokenizer, eval_problems, before = load_and_score(args)
 
     config = SoraConfig(
         r=args.r, alpha=args.r, target_modules="all-linear", task_type="CAUSAL_LM",
@@ -48,11 +42,7 @@ def main() -> None:
     )
     model = get_peft_model(model, config)
     model.print_trainable_parameters()
-    training_args = SFTConfig(
-        output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-        learning_rate=args.learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, args.steps // 20),
-        logging_steps=10, save_strategy="no", report_to=[], use_cpu=True, seed=args.seed,
-    )
+    training_args = SFTConfig(**schedule_arguments(args))
     train_set = conversational_dataset(arithmetic_problems(args.steps * args.batch_size, seed=args.seed))
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_set, processing_class=tokenizer,
                          callbacks=[SoraCallback(log_layer_ranks=False)])
@@ -67,6 +57,7 @@ def main() -> None:
     lora_dir = export_sora_to_lora(model, Path(args.output_dir) / "lora")
     exported = json.loads((lora_dir / "adapter_config.json").read_text())
     print(f"exported LoRA in {lora_dir}: {len(exported['target_modules'])} of {len(ranks)} layers kept")
+    return {"before": before, "after": after, "live_ranks": ranks, "lora_dir": lora_dir}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,134 @@
+"""The arithmetic examples (SFT with the Trainer; LIFT / SFT / LoRA / full FT and SoRA with TRL's
+SFTTrainer) end to end on a tiny chat model, and the helpers the quality benchmarks share."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from peft import LoraConfig, PeftModel
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "examples"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+import arithmetic_task  # noqa: E402
+import bench_quality  # noqa: E402
+import lift_arithmetic_trl  # noqa: E402
+import sft_arithmetic  # noqa: E402
+import sora_arithmetic_trl  # noqa: E402
+
+SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def save_tiny_chat_model(folder: Path) -> Path:
+    """A 2-layer Llama and a character tokenizer with a ChatML template, saved like a Hub checkpoint."""
+    characters = [chr(code) for code in range(32, 127)] + ["\n"]
+    vocab = {token: i for i, token in enumerate(SPECIAL + characters)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<|im_end|>", bos_token="<|im_start|>",
+        additional_special_tokens=SPECIAL[1:], chat_template=CHAT_TEMPLATE,
+    )
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, eos_token_id=vocab["<|im_end|>"],
+        bos_token_id=vocab["<|im_start|>"], tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(tmp_path_factory) -> Path:
+    return save_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))
+
+
+def test_arithmetic_problems_are_seeded_and_correct():
+    problems = arithmetic_task.arithmetic_problems(200, seed=7)
+    assert problems == arithmetic_task.arithmetic_problems(200, seed=7)
+    assert problems != arithmetic_task.arithmetic_problems(200, seed=8)
+    operators = set()
+    for question, answer in problems:
+        left, operator, right = question.removeprefix("What is ").removesuffix("?").split()
+        operators.add(operator)
+        assert answer == {"+": int(left) + int(right), "-": int(left) - int(right), "*": int(left) * int(right)}[operator]
+    assert operators == {"+", "-", "*"}
+
+
+@pytest.mark.parametrize("method", lift_arithmetic_trl.METHODS)
+def test_arithmetic_example_trains_each_method_at_the_same_budget(method, tiny_chat_model, tmp_path):
+    general = tmp_path / "general.jsonl"
+    general.write_text("".join(json.dumps({"question": f"How many apples are in {n} baskets?"}) + "\n"
+                               for n in range(6)))
+    args = lift_arithmetic_trl.argument_parser().parse_args([
+        "--method", method, "--model", str(tiny_chat_model), "--steps", "6", "--batch-size", "4",
+        "--learning-rate", "1e-2", "--budget-rank", "2", "--lift-rank", "4", "--eval-problems", "4",
+        "--general-text", str(general), "--output-dir", str(tmp_path / "out"),
+    ])  # fmt: skip
+    scores = lift_arithmetic_trl.train_and_evaluate(args)
+
+    model, _ = arithmetic_task.load_model_and_tokenizer(str(tiny_chat_model))
+    budget = lift_arithmetic_trl.lora_equivalent_count(model, 2)
+    expected_trainable = sum(p.numel() for p in model.parameters()) if method == "full" else budget
+    assert scores["trainable_params"] == expected_trainable
+    assert 0.0 <= scores["exact_match"] <= 1.0
+    assert scores["answer_loss"] < scores["answer_loss_before"]  # 6 steps at lr 1e-2 learn the answer format
+    assert scores["general_loss_rise"] != 0.0 and torch.isfinite(torch.tensor(scores["general_loss_rise"]))
+
+
+def test_sft_example_trains_and_saves_a_loadable_adapter(tiny_chat_model, tmp_path):
+    out = tmp_path / "sft"
+    scores = sft_arithmetic.main([
+        "--model", str(tiny_chat_model), "--steps", "6", "--batch-size", "4", "--learning-rate", "1e-2",
+        "--density", "0.05", "--eval-problems", "4", "--output-dir", str(out),
+    ])  # fmt: skip
+    assert scores["after"]["answer_loss"] < scores["before"]["answer_loss"]
+    base, tokenizer = arithmetic_task.load_model_and_tokenizer(str(tiny_chat_model))
+    reloaded = PeftModel.from_pretrained(base, out)
+    again = arithmetic_task.evaluate(reloaded, tokenizer, arithmetic_task.arithmetic_problems(4, seed=1000))
+    assert again["answer_loss"] == pytest.approx(scores["after"]["answer_loss"], abs=1e-5)
+
+
+def test_sora_example_trains_and_exports_its_live_ranks_as_a_stock_lora(tiny_chat_model, tmp_path):
+    result = sora_arithmetic_trl.main([
+        "--model", str(tiny_chat_model), "--steps", "6", "--batch-size", "4", "--learning-rate", "1e-2",
+        "--r", "4", "--gate-lr", "0.5", "--xi-end", "2.0", "--eval-problems", "4", "--output-dir", str(tmp_path),
+    ])  # fmt: skip
+    assert result["after"]["answer_loss"] < result["before"]["answer_loss"]
+    live = sum(result["live_ranks"].values())
+    assert live > 0
+    exported = LoraConfig.from_pretrained(result["lora_dir"])
+    assert sum(exported.rank_pattern.values()) == live
+
+
+def test_average_runs_keeps_shared_counts_and_averages_the_rest():
+    runs = [{"accuracy": 0.8, "trainable_params": 10}, {"accuracy": 0.9, "trainable_params": 10}]
+    assert bench_quality.average_runs(runs) == {"accuracy": pytest.approx(0.85), "trainable_params": 10}
+    assert isinstance(bench_quality.average_runs(runs)["trainable_params"], int)
+
+
+def test_merge_results_replaces_a_rerun_point_and_keeps_other_methods(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_quality, "RESULTS", tmp_path / "bench_quality.json")
+
+    def point(method, lr, score):
+        return {"task": "t", "method": method, "settings": {"learning_rate": lr}, "dev_accuracy": score}
+
+    bench_quality.merge_results("t", "lora", [point("lora", 1e-3, 0.80), point("lora", 2e-3, 0.85)])
+    bench_quality.merge_results("t", "sora", [point("sora", 1e-3, 0.70)])
+    row = bench_quality.merge_results("t", "lora", [point("lora", 2e-3, 0.75)])
+    assert row["settings"] == {"learning_rate": 1e-3}  # the rerun 2e-3 point dropped below 1e-3
+    assert [p["dev_accuracy"] for p in row["grid"]] == [0.80, 0.75]
+    stored = json.loads((tmp_path / "bench_quality.json").read_text())["rows"]
+    assert [(r["method"], r["dev_accuracy"]) for r in stored] == [("lora", 0.80), ("sora", 0.70)]
