@@ -21,7 +21,8 @@ from sst2_task import DEFAULT_DATA, accuracy, load_classifier, read_sst2, train_
 from trl_callbacks import SoraCallback
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Train, score, export and re-load with stock peft; returns both models, their accuracies and the live ranks."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="encoder id or path (default: embedded all-MiniLM-L6-v2)")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="GLUE SST-2 train.tsv (label<TAB>sentence)")
@@ -33,7 +34,7 @@ def main() -> None:
     parser.add_argument("--xi-end", type=float, default=2.0, help="xi rises linearly from 0 to this")
     parser.add_argument("--output-dir", default="outputs/sora-sst2")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     rows = read_sst2(args.data)
     train_rows, eval_rows = rows[: args.train_rows], rows[-args.eval_rows :]
@@ -59,7 +60,10 @@ def main() -> None:
     lora_dir = export_sora_to_lora(model, Path(args.output_dir) / "lora")
     base, _ = load_classifier(args.model, seed=args.seed + 1)  # the head comes from the adapter, not this seed
     lora = PeftModel.from_pretrained(base, lora_dir)
-    print(f"exported LoRA in {lora_dir}: accuracy {accuracy(lora, tokenizer, eval_rows):.1%} with stock peft")
+    lora_accuracy = accuracy(lora, tokenizer, eval_rows)
+    print(f"exported LoRA in {lora_dir}: accuracy {lora_accuracy:.1%} with stock peft")
+    return {"model": model, "lora_model": lora, "tokenizer": tokenizer, "accuracy": trained_accuracy,
+            "lora_accuracy": lora_accuracy, "live_ranks": ranks}
 
 
 if __name__ == "__main__":

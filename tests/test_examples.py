@@ -11,7 +11,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from peft import LoraConfig, PeftModel
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples"))
@@ -21,6 +21,8 @@ import bench_quality  # noqa: E402
 import lift_arithmetic_trl  # noqa: E402
 import sft_arithmetic  # noqa: E402
 import sora_arithmetic_trl  # noqa: E402
+import sora_sst2  # noqa: E402
+import sst2_task  # noqa: E402
 
 SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -29,12 +31,20 @@ CHAT_TEMPLATE = (
 )
 
 
-def save_tiny_chat_model(folder: Path) -> Path:
-    """A 2-layer Llama and a character tokenizer with a ChatML template, saved like a Hub checkpoint."""
-    characters = [chr(code) for code in range(32, 127)] + ["\n"]
-    vocab = {token: i for i, token in enumerate(SPECIAL + characters)}
+def character_vocab() -> dict[str, int]:
+    return {token: i for i, token in enumerate(SPECIAL + [chr(code) for code in range(32, 127)] + ["\n"])}
+
+
+def character_tokenizer(vocab: dict[str, int]) -> Tokenizer:
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return tokenizer
+
+
+def save_tiny_chat_model(folder: Path) -> Path:
+    """A 2-layer Llama and a character tokenizer with a ChatML template, saved like a Hub checkpoint."""
+    vocab = character_vocab()
+    tokenizer = character_tokenizer(vocab)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<|im_end|>", bos_token="<|im_start|>",
         additional_special_tokens=SPECIAL[1:], chat_template=CHAT_TEMPLATE,
@@ -47,6 +57,17 @@ def save_tiny_chat_model(folder: Path) -> Path:
     )
     LlamaForCausalLM(config).save_pretrained(folder)
     fast.save_pretrained(folder)
+    return folder
+
+
+def save_tiny_encoder(folder: Path) -> Path:
+    """A 2-layer BERT and a character tokenizer, saved like a Hub checkpoint."""
+    vocab = character_vocab()
+    PreTrainedTokenizerFast(tokenizer_object=character_tokenizer(vocab), pad_token="<pad>").save_pretrained(folder)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=128, pad_token_id=0)
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(folder)
     return folder
 
 
@@ -111,6 +132,24 @@ def test_sora_example_trains_and_exports_its_live_ranks_as_a_stock_lora(tiny_cha
     assert live > 0
     exported = LoraConfig.from_pretrained(result["lora_dir"])
     assert sum(exported.rank_pattern.values()) == live
+
+
+def test_sora_sst2_example_exports_a_lora_that_scores_the_same_in_stock_peft(tmp_path):
+    encoder = save_tiny_encoder(tmp_path / "encoder")
+    data = tmp_path / "train.tsv"
+    words = ["good", "great", "fine", "bad", "awful", "poor"]
+    data.write_text("label\tsentence\n" + "".join(f"{int(i % 6 < 3)}\ta {words[i % 6]} film {i}\n" for i in range(400)))
+    result = sora_sst2.main([
+        "--model", str(encoder), "--data", str(data), "--train-rows", "320", "--eval-rows", "64", "--r", "4",
+        "--learning-rate", "3e-2", "--gate-lr", "0.1", "--xi-end", "1.0", "--output-dir", str(tmp_path / "out"),
+    ])  # fmt: skip
+    assert sum(result["live_ranks"].values()) > 0
+    assert result["lora_accuracy"] == result["accuracy"]
+    batch = result["tokenizer"](["a great film", "an awful film 7"], return_tensors="pt", padding=True)
+    sora_logits, lora_logits = (result[key].eval()(**batch).logits for key in ("model", "lora_model"))
+    fresh_head, _ = sst2_task.load_classifier(str(encoder), seed=1)
+    assert not torch.allclose(fresh_head(**batch).logits, lora_logits, atol=1e-3)  # the head came from the adapter
+    torch.testing.assert_close(lora_logits, sora_logits, rtol=0, atol=1e-5)
 
 
 def test_average_runs_keeps_shared_counts_and_averages_the_rest():
