@@ -99,7 +99,7 @@ METHODS: dict[str, Method] = {
     "sora": Method(build_sora,
                    {"learning_rate": 3e-3, "gate_lr": 5e-2, "xi_schedule": "constant", "xi_start": 0.5, "xi_end": 0.5},
                    [{"learning_rate": lr, "gate_lr": 5e-2, "xi_schedule": "constant", "xi_start": xi, "xi_end": xi}
-                    for lr in (2e-3, 3e-3, 5e-3) for xi in (0.5, 0.7)],
+                    for lr in (2e-3, 3e-3, 5e-3) for xi in (0.3, 0.5)],
                    adapter_ranks),
     "snell": Method(build_snell, {"learning_rate": 5e-3, "sparsity": 0.9},
                     [{"learning_rate": lr, "sparsity": s} for lr in (2e-3, 5e-3, 1e-2) for s in (0.5, 0.9)]),
@@ -154,10 +154,10 @@ def parse_settings(pairs: list[str]) -> dict:
 
 
 def average_runs(runs: list[dict]) -> dict:
-    """Mean of each metric over ``runs``; a value that every run shares (a parameter count) is kept as is."""
+    """Mean of each metric over ``runs`` (4 decimals); a value every run shares (a parameter count) is kept as is."""
+    shared = {key for key in runs[0] if all(run[key] == runs[0][key] for run in runs)}
     return {
-        key: runs[0][key] if all(run[key] == runs[0][key] for run in runs) else sum(run[key] for run in runs) / len(runs)
-        for key in runs[0]
+        key: runs[0][key] if key in shared else round(sum(run[key] for run in runs) / len(runs), 4) for key in runs[0]
     }
 
 

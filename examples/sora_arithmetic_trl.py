@@ -1,6 +1,6 @@
 """SoRA on the embedded SmolLM2-135M-Instruct with TRL's SFTTrainer (generated arithmetic), exported to a plain LoRA.
 
-The gates of every linear layer shrink under a rising threshold; ranks whose gate reaches zero
+The gates of every linear layer are soft-thresholded after each step (strength --xi); ranks whose gate reaches zero
 are dropped when the adapter is exported as a stock peft LoRA adapter (loadable by plain peft,
 vLLM, TGI). Prints exact match before/after, the live rank, and the exported adapter's size.
 
@@ -31,14 +31,14 @@ def main(argv: list[str] | None = None) -> dict:
                       output_dir="outputs/sora-arithmetic")
     parser.add_argument("--r", type=int, default=16, help="starting rank")
     parser.add_argument("--gate-lr", type=float, default=5e-2)
-    parser.add_argument("--xi-end", type=float, default=2.0, help="xi rises linearly from 0 to this")
+    parser.add_argument("--xi", type=float, default=0.5, help="sparsity strength (constant); higher prunes more")
     args = parser.parse_args(argv)
 
     model, tokenizer, eval_problems, before = load_and_score(args)
 
     config = SoraConfig(
         r=args.r, alpha=args.r, target_modules="all-linear", task_type="CAUSAL_LM",
-        gate_lr=args.gate_lr, xi_schedule="linear", xi_start=0.0, xi_end=args.xi_end,
+        gate_lr=args.gate_lr, xi_schedule="constant", xi_start=args.xi,
     )
     model = get_peft_model(model, config)
     model.print_trainable_parameters()

@@ -29,9 +29,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train-rows", type=int, default=4000, help="train on the first N rows")
     parser.add_argument("--eval-rows", type=int, default=1000, help="evaluate on the last N rows")
     parser.add_argument("--r", type=int, default=8, help="starting rank")
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--gate-lr", type=float, default=5e-2)
-    parser.add_argument("--xi-end", type=float, default=2.0, help="xi rises linearly from 0 to this")
+    parser.add_argument("--xi", type=float, default=0.5, help="sparsity strength (constant); higher prunes more")
     parser.add_argument("--output-dir", default="outputs/sora-sst2")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     config = SoraConfig(
         r=args.r, alpha=args.r, target_modules="all-linear", task_type="SEQ_CLS",
-        gate_lr=args.gate_lr, xi_schedule="linear", xi_start=0.0, xi_end=args.xi_end,
+        gate_lr=args.gate_lr, xi_schedule="constant", xi_start=args.xi,
     )
     model = get_peft_model(model, config)
     model.print_trainable_parameters()

@@ -125,7 +125,7 @@ def test_sft_example_trains_and_saves_a_loadable_adapter(tiny_chat_model, tmp_pa
 def test_sora_example_trains_and_exports_its_live_ranks_as_a_stock_lora(tiny_chat_model, tmp_path):
     result = sora_arithmetic_trl.main([
         "--model", str(tiny_chat_model), "--steps", "6", "--batch-size", "4", "--learning-rate", "1e-2",
-        "--r", "4", "--gate-lr", "0.5", "--xi-end", "2.0", "--eval-problems", "4", "--output-dir", str(tmp_path),
+        "--r", "4", "--gate-lr", "0.5", "--xi", "0.3", "--eval-problems", "4", "--output-dir", str(tmp_path),
     ])  # fmt: skip
     assert result["after"]["answer_loss"] < result["before"]["answer_loss"]
     live = sum(result["live_ranks"].values())
@@ -141,7 +141,7 @@ def test_sora_sst2_example_exports_a_lora_that_scores_the_same_in_stock_peft(tmp
     data.write_text("label\tsentence\n" + "".join(f"{int(i % 6 < 3)}\ta {words[i % 6]} film {i}\n" for i in range(400)))
     result = sora_sst2.main([
         "--model", str(encoder), "--data", str(data), "--train-rows", "320", "--eval-rows", "64", "--r", "4",
-        "--learning-rate", "3e-2", "--gate-lr", "0.1", "--xi-end", "1.0", "--output-dir", str(tmp_path / "out"),
+        "--learning-rate", "3e-2", "--gate-lr", "0.1", "--xi", "0.5", "--output-dir", str(tmp_path / "out"),
     ])  # fmt: skip
     assert sum(result["live_ranks"].values()) > 0
     assert result["lora_accuracy"] == result["accuracy"]
