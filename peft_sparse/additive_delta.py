@@ -1,4 +1,4 @@
-"""Merge and unmerge for adapter layers whose delta is a dense matrix added to the base weight."""
+"""Forward, merge and unmerge for adapter layers whose delta is a dense matrix added to the base weight."""
 
 from __future__ import annotations
 
@@ -11,14 +11,36 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from .quantization import check_merge_supported
 
 
-class AdditiveDeltaMerge:
-    """peft's ``merge`` / ``unmerge`` for a ``BaseTunerLayer`` with ``get_delta_weight(adapter_name)``.
+class AdditiveDeltaLayer:
+    """peft's forward, ``merge`` and ``unmerge`` for a ``BaseTunerLayer`` whose adapters add a delta.
+
+    The layer provides ``get_delta_weight(adapter_name)`` (the delta shaped like the base weight) and
+    ``adapter_output(adapter_name, x)`` (the delta applied to ``x``, without materialising it).
 
     The layer's first ``adapter_layer_names`` entry tells which adapters it holds. Merging adds
     each delta to the base weight (``safe_merge``: the sum is checked for NaN/Inf before it is
     written); unmerging subtracts them again, last merged first (exact up to float rounding, as
     for LoRA). A quantized base layer is refused by ``check_merge_supported``.
     """
+
+    def forward_with_adapters(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The base layer's output plus each active, unmerged adapter's output, in the base output's dtype.
+
+        With adapters disabled, merged ones are unmerged first (as peft's LoRA layer does).
+        """
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        result_dtype = result.dtype
+        held = getattr(self, self.adapter_layer_names[0])
+        for adapter_name in self.active_adapters:
+            if adapter_name in held:
+                result = result + self.adapter_output(adapter_name, x)
+        return result.to(result_dtype)
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:

@@ -18,7 +18,7 @@ from transformers.pytorch_utils import Conv1D
 
 from triton_kernels.snell_matmul import KernelSpec, kernel_matrix, snell_delta_matmul, sparse_delta
 
-from ...additive_delta import AdditiveDeltaMerge
+from ...additive_delta import AdditiveDeltaLayer
 from ...quantization import delta_dtype, keep_trainable_layout, weight_matrix_shape
 from ...sparse.layer import SUPPORTED_BASE_LAYERS
 from .config import SnellConfig
@@ -30,7 +30,7 @@ def kept_count(num_entries: int, sparsity: float) -> int:
     return num_entries - round(sparsity * num_entries)
 
 
-class SnellLayer(AdditiveDeltaMerge, BaseTunerLayer):
+class SnellLayer(AdditiveDeltaLayer, BaseTunerLayer):
     """Adapter state of SNELL on one weight matrix, keyed by adapter name.
 
     ``snell_input_factors[name]`` [H, in, r / H] and ``snell_output_factors[name]`` [H, out, r / H]
@@ -153,25 +153,17 @@ class SnellLinear(nn.Module, SnellLayer):
         self.update_layer(adapter_name, config)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
-        for name in self.active_adapters:
-            if name not in self.snell_input_factors:
-                continue
-            update = snell_delta_matmul(
-                self.snell_dropout[name](x),
-                self.snell_input_factors[name],
-                self.snell_output_factors[name],
-                self.threshold(name),
-                self.kernel_spec[name],
-            )
-            result = result + update.to(result.dtype)
-        return result
+        return self.forward_with_adapters(x, *args, **kwargs)
+
+    def adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """``dropout(x) @ E^T`` without materialising ``E`` (see the module docstring)."""
+        return snell_delta_matmul(
+            self.snell_dropout[adapter_name](x),
+            self.snell_input_factors[adapter_name],
+            self.snell_output_factors[adapter_name],
+            self.threshold(adapter_name),
+            self.kernel_spec[adapter_name],
+        )
 
     def __repr__(self) -> str:
         return "snell." + super().__repr__()

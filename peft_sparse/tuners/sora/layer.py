@@ -9,12 +9,12 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ...additive_delta import AdditiveDeltaMerge
+from ...additive_delta import AdditiveDeltaLayer
 from ...quantization import delta_dtype, keep_trainable_layout, weight_matrix_shape
 from ...sparse.layer import SUPPORTED_BASE_LAYERS
 
 
-class SoraLayer(AdditiveDeltaMerge, BaseTunerLayer):
+class SoraLayer(AdditiveDeltaLayer, BaseTunerLayer):
     """Adapter state of one target layer, keyed by adapter name.
 
     Per adapter: ``sora_A`` [r, in] (Kaiming uniform), ``sora_B`` [out, r] (zeros),
@@ -87,22 +87,14 @@ class SoraLinear(nn.Module, SoraLayer):
         self.update_layer(adapter_name, **kwargs)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
-        result_dtype = result.dtype
-        for adapter_name in self.active_adapters:
-            if adapter_name not in self.sora_A:
-                continue
-            weight_a = self.sora_A[adapter_name]
-            hidden = F.linear(self.sora_dropout[adapter_name](self._cast_input_dtype(x, weight_a.dtype)), weight_a)
-            hidden = hidden * self.sora_gate[adapter_name]  # [..., r]
-            result = result + F.linear(hidden, self.sora_B[adapter_name]) * self.scaling[adapter_name]
-        return result.to(result_dtype)
+        return self.forward_with_adapters(x, *args, **kwargs)
+
+    def adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """``s * B (g * (A dropout(x)))``, computed in the adapter's dtype."""
+        weight_a = self.sora_A[adapter_name]
+        hidden = F.linear(self.sora_dropout[adapter_name](self._cast_input_dtype(x, weight_a.dtype)), weight_a)
+        hidden = hidden * self.sora_gate[adapter_name]  # [..., r]
+        return F.linear(hidden, self.sora_B[adapter_name]) * self.scaling[adapter_name]
 
     def __repr__(self) -> str:
         return "sora." + super().__repr__()
