@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Container
 from typing import Optional
 
 import torch
@@ -23,6 +24,10 @@ class AdditiveDeltaLayer:
     for LoRA). A quantized base layer is refused by ``check_merge_supported``.
     """
 
+    def _held_adapters(self) -> Container[str]:
+        """The adapters this layer holds (keys of its first ``adapter_layer_names`` entry)."""
+        return getattr(self, self.adapter_layer_names[0])
+
     def forward_with_adapters(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The base layer's output plus each active, unmerged adapter's output, in the base output's dtype.
 
@@ -36,15 +41,14 @@ class AdditiveDeltaLayer:
         if self.merged:
             return result
         result_dtype = result.dtype
-        held = getattr(self, self.adapter_layer_names[0])
         for adapter_name in self.active_adapters:
-            if adapter_name in held:
+            if adapter_name in self._held_adapters():
                 result = result + self.adapter_output(adapter_name, x)
         return result.to(result_dtype)
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        held = getattr(self, self.adapter_layer_names[0])
+        held = self._held_adapters()
         adapter_names = [name for name in check_adapters_to_merge(self, adapter_names) if name in held]
         check_merge_supported(self.get_base_layer(), adapter_names)
         weight = self.get_base_layer().weight

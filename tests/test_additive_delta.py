@@ -8,29 +8,17 @@ from peft_sparse import SnellConfig, SoraConfig
 from peft_sparse.tuners.snell import SnellLinear
 from peft_sparse.tuners.sora import SoraLinear
 from tests.conftest import make_tiny_llama
-from tests.test_sora import randomize_sora
-
-
-def randomize_snell(model, seed: int = 1) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, SnellLinear):
-                for factors in (module.snell_input_factors, module.snell_output_factors):
-                    factors["default"].copy_(torch.randn(factors["default"].shape, generator=generator))
+from tests.test_registration import randomize_adapter
 
 
 @pytest.mark.parametrize(
-    "config, layer_type, randomize",
-    [
-        (SoraConfig(r=4, gate_init="randn"), SoraLinear, randomize_sora),
-        (SnellConfig(r=4, sparsity=0.5), SnellLinear, randomize_snell),
-    ],
+    "config, layer_type",
+    [(SoraConfig(r=4, gate_init="randn"), SoraLinear), (SnellConfig(r=4, sparsity=0.5), SnellLinear)],
     ids=["sora", "snell"],
 )
-def test_bf16_base_with_fp32_adapter_returns_bf16_close_to_fp32(config, layer_type, randomize):
+def test_bf16_base_with_fp32_adapter_returns_bf16_close_to_fp32(config, layer_type):
     model = get_peft_model(make_tiny_llama(), config)
-    randomize(model)
+    randomize_adapter(model)
     layer = next(module for module in model.modules() if isinstance(module, layer_type))
     x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
