@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +33,7 @@ import peft_sparse  # registers SnellConfig with peft
 import peft_sparse.tuners.snell.layer as snell_layer
 from triton_kernels.snell_matmul import KernelSpec
 
-from bench_sft_step import PeakRss, linear_workload, release_freed_memory, smollm2_workload, train_step_ms
+from bench_sft_step import linear_workload, smollm2_workload, timed_training
 from benchmark_metadata import run_metadata
 
 METHODS = ("lora", "snell", "snell-dense", "full-ft")
@@ -69,22 +68,8 @@ def measure(method: str, workload_name: str, rank: int, sparsity: float, steps: 
     torch.manual_seed(SEED)
     workload = WORKLOADS[workload_name](quick)
     model = build_model(method, workload, rank, sparsity)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    release_freed_memory()
-    with PeakRss() as memory:
-        train_step_ms(model, optimizer, workload)  # warm-up; also allocates AdamW's state
-        times = [train_step_ms(model, optimizer, workload) for _ in range(steps)]
-    return {
-        "workload": workload_name,
-        "source": workload.source,
-        "method": method,
-        "trainable_params": sum(p.numel() for p in params),
-        "peak_mib": (memory.peak - memory.start) / 2**20,
-        "step_ms_median": statistics.median(times),
-        "step_ms": times,
-    }
+    return {"workload": workload_name, "source": workload.source, "method": method,
+            **timed_training(model, workload, steps)}
 
 
 def measure_in_subprocess(method: str, workload_name: str, args) -> dict:

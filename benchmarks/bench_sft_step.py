@@ -187,9 +187,8 @@ def train_step_ms(model: nn.Module, optimizer: torch.optim.Optimizer, workload: 
     return (time.perf_counter() - start) * 1000
 
 
-def measure(method: str, workload: Workload, rank: int, steps: int) -> dict:
-    torch.manual_seed(SEED)
-    model = build_model(method, workload, rank)
+def timed_training(model: nn.Module, workload: Workload, steps: int) -> dict:
+    """Train ``model`` (AdamW) for a warm-up step and ``steps`` timed ones: trainable params, step times, peak RSS."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -197,15 +196,19 @@ def measure(method: str, workload: Workload, rank: int, steps: int) -> dict:
     with PeakRss() as memory:
         train_step_ms(model, optimizer, workload)  # warm-up; also allocates AdamW's state
         times = [train_step_ms(model, optimizer, workload) for _ in range(steps)]
-    row = {
-        "workload": workload.name,
-        "method": method,
+    return {
         "trainable_params": sum(p.numel() for p in params),
         "step_ms_median": statistics.median(times),
         "step_ms": times,
         "peak_mib": (memory.peak - memory.start) / 2**20,
     }
-    del model, optimizer, params
+
+
+def measure(method: str, workload: Workload, rank: int, steps: int) -> dict:
+    torch.manual_seed(SEED)
+    model = build_model(method, workload, rank)
+    row = {"workload": workload.name, "method": method, **timed_training(model, workload, steps)}
+    del model
     release_freed_memory()
     return row
 
