@@ -5,6 +5,7 @@ from peft import get_peft_model
 
 from peft_sparse import SparseConfig
 from peft_sparse.sparse.indices import check_index_set
+from peft_sparse.sparse.selection import squared_product_sums
 from tests.conftest import make_mlp, randomize_values
 
 
@@ -124,6 +125,19 @@ def test_momentum_approximation_growth_matches_brute_force():
         score[active.long()] = -1
         expected = score.topk(round(0.25 * active.numel())).indices
         assert grown == set(expected.tolist())
+
+
+@pytest.mark.parametrize("inner, max_chunk_elements", [(3, 1 << 22), (40, 1 << 22), (40, 70)])
+def test_squared_product_sums_match_the_dense_product(inner, max_chunk_elements):
+    # inner 3: Gram matrices; inner 40: the product itself, whole or 70 elements (2 rows) at a time
+    generator = torch.Generator().manual_seed(3)
+    left = torch.randn(24, inner, generator=generator, dtype=torch.float64).to(torch.bfloat16)
+    right = torch.randn(inner, 35, generator=generator, dtype=torch.float64).to(torch.bfloat16)
+    squared = (left.double() @ right.double()).square()
+    row_sums, col_sums = squared_product_sums(left, right, max_chunk_elements)
+    assert row_sums.dtype == col_sums.dtype == torch.float32
+    torch.testing.assert_close(row_sums.double(), squared.sum(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(col_sums.double(), squared.sum(0), rtol=1e-5, atol=1e-5)
 
 
 def test_forward_after_selection_uses_new_indices_over_restored_base():

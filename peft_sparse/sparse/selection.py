@@ -102,9 +102,41 @@ class AccumulatedGradientGrowth:
         return self.candidates[best].to(self.active_indices.dtype)
 
 
+def squared_product_sums(
+    left: torch.Tensor, right: torch.Tensor, max_chunk_elements: int = 1 << 22
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column sums of ``(left @ right) ** 2`` (fp32) without holding the whole product.
+
+    With few tokens (``inner``) the sums come from Gram matrices, ``row_i = l_i (R R^T) l_i^T`` and
+    ``col_j = r_j^T (L^T L) r_j``, at ``2 * inner^2 * (rows + cols)`` flops; otherwise the product is
+    formed ``max_chunk_elements`` at a time.
+
+    Example:
+        >>> left, right = torch.randn(6, 2), torch.randn(2, 5)
+        >>> rows, cols = squared_product_sums(left, right)
+        >>> torch.allclose(rows, (left @ right).square().sum(1), atol=1e-5)
+        True
+    """
+    left, right = left.float(), right.float()
+    (rows, inner), cols = left.shape, right.shape[1]
+    if 2 * inner * (rows + cols) < rows * cols:
+        row_sums = ((left @ (right @ right.T)) * left).sum(1)
+        col_sums = (((left.T @ left) @ right) * right).sum(0)
+        return row_sums.clamp_min_(0), col_sums.clamp_min_(0)  # rounding can dip just below zero
+    row_sums = torch.empty(rows, dtype=torch.float32, device=left.device)
+    col_sums = torch.zeros(cols, dtype=torch.float32, device=left.device)
+    chunk = max(1, max_chunk_elements // max(cols, 1))
+    for start in range(0, rows, chunk):
+        squared = (left[start : start + chunk] @ right).square_()
+        row_sums[start : start + chunk] = squared.sum(1)
+        col_sums += squared.sum(0)
+    return row_sums, col_sums
+
+
 class MomentumApproximationGrowth:
     """SpIEL "MA" (SM3-style): row and column sums of squared gradients over the window;
-    an inactive entry (i, j) scores ``row[i] * col[j]``. Memory O(rows + cols).
+    an inactive entry (i, j) scores ``row[i] * col[j]``. Memory O(rows + cols); the dense gradient
+    is never held whole (``squared_product_sums``).
     """
 
     def __init__(self, active_indices: torch.Tensor, weight_shape: tuple[int, int]) -> None:
@@ -115,9 +147,9 @@ class MomentumApproximationGrowth:
         self.observed = False
 
     def observe(self, left: torch.Tensor, right: torch.Tensor) -> None:
-        squared = (left.float() @ right.float()).square_()  # [rows, cols], transient
-        self.row_statistics += squared.sum(1)
-        self.col_statistics += squared.sum(0)
+        row_sums, col_sums = squared_product_sums(left, right)
+        self.row_statistics += row_sums
+        self.col_statistics += col_sums
         self.observed = True
 
     def process_sums(self) -> list[torch.Tensor]:
