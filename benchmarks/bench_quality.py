@@ -13,7 +13,8 @@ its rows go into the same JSON.
 
 ``classification``: all-MiniLM-L6-v2 + a fresh 2-way head on SST-2 (``--data``): train on the
 first 4000 rows (1 epoch, batch 32, max length 64), pick grid points on rows 4000-5000, report
-accuracy on the last 2000 rows. Prints a markdown table; merges rows (by task and method)
+accuracy on the last 2000 rows. ``classification-8k``: the same on the first 8000 rows (250 steps;
+dev rows 8000-9000), a longer run for methods that prune during training. Prints a markdown table; merges rows (by task and method)
 into ``benchmarks/results/bench_quality.json``.
 """
 
@@ -26,6 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -64,7 +66,7 @@ def build_sora(base: nn.Module, settings: dict):
     config = SoraConfig(
         r=settings["r"], alpha=settings["r"], target_modules="all-linear", task_type=settings["task_type"],
         gate_lr=settings["gate_lr"], xi_schedule=settings["xi_schedule"], xi_start=settings["xi_start"],
-        xi_end=settings["xi_end"],
+        xi_end=settings["xi_end"], l1_weight=settings.get("l1_weight", 0.0),
     )
     return get_peft_model(base, config), [SoraCallback(log_layer_ranks=False)]
 
@@ -110,9 +112,9 @@ def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def run_classification(method: Method, settings: dict, args) -> dict:
+def run_classification(method: Method, settings: dict, args, train_rows: int = 4000) -> dict:
     rows = sst2_task.read_sst2(args.data)
-    train, dev, test = rows[:4000], rows[4000:5000], rows[-2000:]
+    train, dev, test = rows[:train_rows], rows[train_rows : train_rows + 1000], rows[-2000:]
     base, tokenizer = sst2_task.load_classifier(args.model, seed=args.seed)
     model, callbacks = method.build(base, {**settings, "task_type": "SEQ_CLS"})
     trainable = trainable_parameters(model)
@@ -129,7 +131,10 @@ def run_classification(method: Method, settings: dict, args) -> dict:
     }
 
 
-TASKS: dict[str, Callable[[Method, dict, argparse.Namespace], dict]] = {"classification": run_classification}
+TASKS: dict[str, Callable[[Method, dict, argparse.Namespace], dict]] = {
+    "classification": run_classification,
+    "classification-8k": partial(run_classification, train_rows=8000),
+}
 
 
 def environment() -> dict:

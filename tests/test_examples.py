@@ -3,6 +3,7 @@ SFTTrainer) end to end on a tiny chat model, and the helpers the quality benchma
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -150,6 +151,30 @@ def test_sora_sst2_example_exports_a_lora_that_scores_the_same_in_stock_peft(tmp
     fresh_head, _ = sst2_task.load_classifier(str(encoder), seed=1)
     assert not torch.allclose(fresh_head(**batch).logits, lora_logits, atol=1e-3)  # the head came from the adapter
     torch.testing.assert_close(lora_logits, sora_logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("task, train_rows", [("classification", 4000), ("classification-8k", 8000)])
+def test_classification_tasks_train_pick_and_score_on_disjoint_rows(monkeypatch, task, train_rows):
+    rows = [(f"sentence {i}", i % 2) for i in range(12000)]
+    seen = {"scored": []}
+
+    def train(model, tokenizer, train, learning_rate, callbacks, seed):
+        seen["train"] = train
+        return argparse.Namespace(state=argparse.Namespace(global_step=len(train) // 32))
+
+    def score(model, tokenizer, scored_rows):
+        seen["scored"].append(scored_rows)
+        return 0.5
+
+    monkeypatch.setattr(sst2_task, "read_sst2", lambda path: rows)
+    monkeypatch.setattr(sst2_task, "load_classifier", lambda model, seed: (torch.nn.Linear(2, 2), None))
+    monkeypatch.setattr(sst2_task, "train_classifier", train)
+    monkeypatch.setattr(sst2_task, "accuracy", score)
+    method = bench_quality.Method(build=lambda base, settings: (base, []), default={}, grid=[])
+    result = bench_quality.TASKS[task](method, {"learning_rate": 1e-3}, argparse.Namespace(data="", model=None, seed=0))
+    assert seen["train"] == rows[:train_rows]
+    assert seen["scored"] == [rows[train_rows : train_rows + 1000], rows[-2000:]]  # dev, then test
+    assert result["steps"] == train_rows // 32
 
 
 def test_average_runs_keeps_shared_counts_and_averages_the_rest():
