@@ -67,6 +67,7 @@ def build_sora(base: nn.Module, settings: dict):
         r=settings["r"], alpha=settings["r"], target_modules="all-linear", task_type=settings["task_type"],
         gate_lr=settings["gate_lr"], xi_schedule=settings["xi_schedule"], xi_start=settings["xi_start"],
         xi_end=settings["xi_end"], l1_weight=settings.get("l1_weight", 0.0),
+        scale_xi_by_lr=settings.get("scale_xi_by_lr", True),
     )
     return get_peft_model(base, config), [SoraCallback(log_layer_ranks=False)]
 
@@ -147,10 +148,14 @@ def environment() -> dict:
 
 
 def parse_settings(pairs: list[str]) -> dict:
-    """``["xi_end=1.5", "xi_schedule=constant"]`` -> ``{"xi_end": 1.5, "xi_schedule": "constant"}``."""
+    """``["xi_end=1.5", "xi_schedule=constant", "scale_xi_by_lr=false"]`` ->
+    ``{"xi_end": 1.5, "xi_schedule": "constant", "scale_xi_by_lr": False}``."""
     settings = {}
     for pair in pairs:
         key, _, value = pair.partition("=")
+        if value.lower() in ("true", "false"):
+            settings[key] = value.lower() == "true"
+            continue
         try:
             settings[key] = float(value)
         except ValueError:

@@ -177,6 +177,13 @@ def test_classification_tasks_train_pick_and_score_on_disjoint_rows(monkeypatch,
     assert result["steps"] == train_rows // 32
 
 
+def test_parse_settings_reads_numbers_booleans_and_names():
+    pairs = ["xi_end=1.5", "xi_schedule=linear", "scale_xi_by_lr=False", "learning_rate=3e-3"]
+    assert bench_quality.parse_settings(pairs) == {
+        "xi_end": 1.5, "xi_schedule": "linear", "scale_xi_by_lr": False, "learning_rate": 3e-3,
+    }
+
+
 def test_average_runs_keeps_shared_counts_and_averages_the_rest():
     runs = [{"accuracy": 0.8, "trainable_params": 10}, {"accuracy": 0.9, "trainable_params": 10}]
     assert bench_quality.average_runs(runs) == {"accuracy": pytest.approx(0.85), "trainable_params": 10}
