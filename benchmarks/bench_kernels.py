@@ -23,7 +23,6 @@ so the reference column is filled only when the Triton path ran.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from benchmark_metadata import run_metadata
+from benchmark_metadata import write_results
 from peft_sparse.sparse.indices import csr_pattern, random_unique_indices
 from triton_kernels import sampled_dense_dense_matmul, scatter_assign, sparse_matmul_accumulate, topk_candidates
 from triton_kernels._dispatch import use_triton
@@ -219,20 +218,11 @@ def main() -> None:
     print()
     print(markdown_table(rows, bandwidth))
 
-    RESULTS.parent.mkdir(exist_ok=True)
-    metadata = run_metadata() | {
-        "device": str(device),
-        "dtype": str(dtype),
-        "triton_path": triton_path,
-        "tokens": args.tokens,
-        "repeats": args.repeats,
-        "quick": args.quick,
-        "copy_bandwidth_gbs": bandwidth,
-        "bandwidth_method": "2 * 256 MiB / median time of copy_ between two 256 MiB fp32 buffers",
-        "bytes_model": BYTES_MODEL,
-    }
-    RESULTS.write_text(json.dumps({"metadata": metadata, "rows": rows}, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    write_results(
+        RESULTS, rows, device=str(device), dtype=str(dtype), triton_path=triton_path, tokens=args.tokens,
+        repeats=args.repeats, quick=args.quick, copy_bandwidth_gbs=bandwidth,
+        bandwidth_method="2 * 256 MiB / median time of copy_ between two 256 MiB fp32 buffers", bytes_model=BYTES_MODEL,
+    )
 
 
 if __name__ == "__main__":

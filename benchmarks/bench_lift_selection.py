@@ -10,7 +10,6 @@ entries the randomized SVD selects are also selected by the exact one.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from peft import get_peft_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from arithmetic_task import load_model_and_tokenizer  # noqa: E402
-from benchmark_metadata import run_metadata  # noqa: E402
+from benchmark_metadata import write_results  # noqa: E402
 
 from peft_sparse import LiftConfig  # noqa: E402
 
@@ -61,10 +60,7 @@ def main() -> None:
             f"| {row['svd_method']} | {row['rank']} | {row['matrices']} | {row['trainable']:,} | {row['seconds']:.1f} "
             f"| {row['overlap_with_exact_mean']:.3f} / {row['overlap_with_exact_min']:.3f} |"
         )
-    output = Path(__file__).parent / "results" / "bench_lift_selection.json"
-    metadata = run_metadata() | {"density": args.density, "threads": torch.get_num_threads()}
-    output.write_text(json.dumps({"metadata": metadata, "rows": rows}, indent=2) + "\n")
-    print(f"wrote {output}")
+    write_results(Path(__file__).parent / "results" / "bench_lift_selection.json", rows, density=args.density)
 
 
 if __name__ == "__main__":

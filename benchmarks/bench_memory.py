@@ -34,7 +34,7 @@ import peft_sparse.tuners.snell.layer as snell_layer
 from triton_kernels.snell_matmul import KernelSpec
 
 from bench_sft_step import linear_workload, smollm2_workload, timed_training
-from benchmark_metadata import run_metadata
+from benchmark_metadata import write_results
 
 METHODS = ("lora", "snell", "snell-dense", "full-ft")
 WORKLOADS = {"smollm2-135m": smollm2_workload, "linear-4096": linear_workload}
@@ -120,10 +120,7 @@ def main() -> None:
         print(f"\n### {workload_name} ({workload_rows[0]['source']}; r {args.r}, SNELL sparsity {args.sparsity})\n")
         print(markdown_table(workload_rows))
         rows.extend(workload_rows)
-    metadata = run_metadata() | {"quick": args.quick, "steps": args.steps, "r": args.r, "sparsity": args.sparsity}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({"metadata": metadata, "rows": rows}, indent=2) + "\n")
-    print(f"\nwrote {args.output}", file=sys.stderr)
+    write_results(args.output, rows, quick=args.quick, steps=args.steps, r=args.r, sparsity=args.sparsity)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ from peft_sparse import SnellConfig, SoraConfig
 from peft_sparse.tuners.sora import SoraLayer
 from trl_callbacks import SoraCallback
 
+from benchmark_metadata import write_text_atomically
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples"))
 import sst2_task  # noqa: E402  (examples/ is not a package)
@@ -198,8 +200,7 @@ def merge_results(task: str, method: str, tried: list[dict], score_key: str = "d
     row = {**max(grid, key=lambda point: point[score_key]), "grid": grid}
     rows = [other for other in stored if (other["task"], other["method"]) != (task, method)] + [row]
     rows.sort(key=lambda other: (other["task"], other["method"]))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+    write_text_atomically(RESULTS, json.dumps({"rows": rows}, indent=2) + "\n")
     return row
 
 

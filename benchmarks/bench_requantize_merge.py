@@ -12,7 +12,6 @@ all, and ``||merged delta - delta|| / ||delta||``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 from bitsandbytes.functional import dequantize_4bit, int8_vectorwise_dequant, int8_vectorwise_quant, quantize_4bit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.benchmark_metadata import run_metadata  # noqa: E402
+from benchmarks.benchmark_metadata import write_results  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DELTA_STDS = (1e-4, 1e-3, 1e-2)
@@ -101,8 +100,7 @@ def main() -> None:
             f"| {row['quantization']} | {row['delta_std']:g} | {row['entries_unchanged']:.0%} "
             f"| {row['relative_error']:.2f} |"
         )
-    output = Path(__file__).parent / "results" / "bench_requantize_merge.json"
-    output.write_text(json.dumps({"metadata": run_metadata(), "source": source, "rows": rows}, indent=2))
+    write_results(Path(__file__).parent / "results" / "bench_requantize_merge.json", rows, source=source)
 
 
 if __name__ == "__main__":

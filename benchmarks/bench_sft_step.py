@@ -15,7 +15,6 @@ import argparse
 import ctypes
 import gc
 import importlib.util
-import json
 import statistics
 import sys
 import threading
@@ -36,7 +35,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from peft_sparse.sparse.indices import layer_seed, random_unique_indices
 from peft_sparse.sparse.tuner import split_budget
 
-from benchmark_metadata import run_metadata
+from benchmark_metadata import write_results
 
 METHODS = ("lora", "sft", "spiel-style", "full-ft", "shira", "supertuning")
 WORKLOADS = ("smollm2-135m", "linear-4096")
@@ -261,15 +260,7 @@ def main() -> None:
         print(markdown_table(rows))
         all_rows.extend(rows)
 
-    metadata = run_metadata() | {
-        "quick": args.quick,
-        "steps": steps,
-        "lora_rank": args.lora_rank,
-        "workloads": sources,
-    }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({"metadata": metadata, "rows": all_rows}, indent=2) + "\n")
-    print(f"\nwrote {args.output}", file=sys.stderr)
+    write_results(args.output, all_rows, quick=args.quick, steps=steps, lora_rank=args.lora_rank, workloads=sources)
 
 
 if __name__ == "__main__":

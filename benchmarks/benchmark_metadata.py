@@ -1,7 +1,9 @@
-"""What every benchmark JSON records about the run: library versions, CPU/GPU, threads, date, command line."""
+"""What every benchmark JSON records about the run (library versions, CPU/GPU, threads, date, command line),
+and the atomic write of a results file."""
 
 from __future__ import annotations
 
+import json
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,3 +30,17 @@ def run_metadata() -> dict:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "argv": sys.argv,
     }
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a crash leaves the old file whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
+
+
+def write_results(path: Path, rows: list[dict], **settings) -> None:
+    """Write ``{"metadata": run_metadata() | settings, "rows": rows}`` to ``path`` atomically; say where on stderr."""
+    write_text_atomically(path, json.dumps({"metadata": run_metadata() | settings, "rows": rows}, indent=2) + "\n")
+    print(f"wrote {path}", file=sys.stderr)

@@ -19,6 +19,7 @@ sys.path.insert(0, str(REPO / "examples"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 import arithmetic_task  # noqa: E402
 import bench_quality  # noqa: E402
+import benchmark_metadata  # noqa: E402
 import lift_arithmetic_trl  # noqa: E402
 import sft_arithmetic  # noqa: E402
 import sora_arithmetic_trl  # noqa: E402
@@ -182,6 +183,18 @@ def test_parse_settings_reads_numbers_booleans_and_names():
     assert bench_quality.parse_settings(pairs) == {
         "xi_end": 1.5, "xi_schedule": "linear", "scale_xi_by_lr": False, "learning_rate": 3e-3,
     }
+
+
+def test_write_results_replaces_the_file_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "results" / "bench.json"
+    benchmark_metadata.write_results(path, [{"ms": 1.5}], quick=True)
+    written = json.loads(path.read_text())
+    assert written["rows"] == [{"ms": 1.5}]
+    assert written["metadata"]["quick"] is True and written["metadata"]["torch"] == torch.__version__
+    with pytest.raises(TypeError):
+        benchmark_metadata.write_results(path, [{"ms": object()}])  # not JSON: the old file stays
+    assert json.loads(path.read_text()) == written
+    assert [entry.name for entry in path.parent.iterdir()] == ["bench.json"]
 
 
 def test_average_runs_keeps_shared_counts_and_averages_the_rest():
