@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> dict:
     trainer = Trainer(
         model=model, args=training_args, train_dataset=train_set,
         data_collator=lambda examples: pad_batch(examples, tokenizer.pad_token_id),
-        callbacks=[SparseUpdateCallback()],
+        # log_layer_metrics=True would add the density and churn of each of the 210 layers to every log line
+        callbacks=[SparseUpdateCallback(log_layer_metrics=False)],
     )
     started = time.perf_counter()
     trainer.train()
