@@ -14,8 +14,8 @@ its rows go into the same JSON.
 ``classification``: all-MiniLM-L6-v2 + a fresh 2-way head on SST-2 (``--data``): train on the
 first 4000 rows (1 epoch, batch 32, max length 64), pick grid points on rows 4000-5000, report
 accuracy on the last 2000 rows. ``classification-8k``: the same on the first 8000 rows (250 steps;
-dev rows 8000-9000), a longer run for methods that prune during training. Prints a markdown table; merges rows (by task and method)
-into ``benchmarks/results/bench_quality.json``.
+dev rows 8000-9000), a longer run for methods that prune during training. Prints a markdown table;
+merges rows (by task and method) into ``benchmarks/results/bench_quality.json``.
 """
 
 from __future__ import annotations
