@@ -191,9 +191,9 @@ def test_write_results_replaces_the_file_whole_or_not_at_all(tmp_path):
     written = json.loads(path.read_text())
     assert written["rows"] == [{"ms": 1.5}]
     assert written["metadata"]["quick"] is True and written["metadata"]["torch"] == torch.__version__
-    with pytest.raises(TypeError):
-        benchmark_metadata.write_results(path, [{"ms": object()}])  # not JSON: the old file stays
-    assert json.loads(path.read_text()) == written
+    with pytest.raises(UnicodeEncodeError):  # fails while writing, after the file was opened
+        benchmark_metadata.write_text_atomically(path, "{" + "\ud800")
+    assert json.loads(path.read_text()) == written  # the old file stays whole
     assert [entry.name for entry in path.parent.iterdir()] == ["bench.json"]
 
 
