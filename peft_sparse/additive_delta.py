@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from peft.tuners.tuners_utils import check_adapters_to_merge
 
-from .quantization import check_merge_supported
+from .quantization import check_merge_supported, merge_refusal
 
 
 class AdditiveDeltaLayer:
@@ -45,6 +45,10 @@ class AdditiveDeltaLayer:
             if adapter_name in self._held_adapters():
                 result = result + self.adapter_output(adapter_name, x)
         return result.to(result_dtype)
+
+    def merge_refusal(self, adapter_names: list[str]) -> Optional[str]:
+        """Why ``adapter_names`` cannot be merged into this layer, or None."""
+        return merge_refusal(self.get_base_layer(), adapter_names)
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:

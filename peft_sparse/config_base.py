@@ -27,6 +27,11 @@ def check_fraction(name: str, value) -> None:
         raise ValueError(f"{name} must be in (0, 1], got {value!r}")
 
 
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
 def check_target_modules(name: str, value) -> None:
     if value is None or isinstance(value, str):
         return
@@ -57,6 +62,13 @@ class PeftSparseConfig(PeftConfig):
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Modules trained in full and saved with the adapter (e.g. a new head)."}
     )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "True: the adapter starts as an exact no-op (zero delta). False: a seeded, non-zero random "
+            "delta (for tests and debugging, like peft's init_weights=False of its other methods)."
+        },
+    )
     peft_sparse_version: str = field(
         default=__version__, metadata={"help": "peft_sparse version that saved this adapter (set on save)."}
     )
@@ -70,6 +82,7 @@ class PeftSparseConfig(PeftConfig):
         check_format_version(self.format_version, self.peft_sparse_version)
         check_target_modules("target_modules", self.target_modules)
         check_target_modules("exclude_modules", self.exclude_modules)
+        check_bool("init_weights", self.init_weights)
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         self.peft_sparse_version, self.format_version = __version__, FORMAT_VERSION

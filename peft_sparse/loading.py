@@ -147,12 +147,26 @@ class AllOrNothingTuner(BaseTuner):
                         f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken"
                     )
 
+    def _check_mergeable(self, adapter_names: Optional[list[str]]) -> None:
+        """Raise before any layer merges if one of them refuses (a quantized or tied weight)."""
+        for name, module in self.model.named_modules():
+            refusal = getattr(module, "merge_refusal", None)
+            if refusal is None:
+                continue
+            held = [adapter for adapter in (adapter_names or module.active_adapters) if _holds_adapter(module, adapter)]
+            message = refusal(held)
+            if message is not None:
+                raise ValueError(f"module '{name}': {message}")
+
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        self._check_mergeable(adapter_names)
         if safe_merge:
             self._check_finite(adapter_names)
         super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
 
     def _unload_and_optionally_merge(self, merge: bool = True, safe_merge: bool = False, adapter_names=None, **kwargs):
+        if merge:
+            self._check_mergeable(adapter_names)
         if merge and safe_merge:
             self._check_finite(adapter_names)
         return super()._unload_and_optionally_merge(

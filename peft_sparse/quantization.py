@@ -71,8 +71,8 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     return weight.float().view(weight_matrix_shape(layer))
 
 
-def check_merge_supported(base_layer: nn.Module, adapter_names: list[str]) -> None:
-    """Raise ValueError when ``adapter_names`` would be merged into a quantized ``base_layer``.
+def merge_refusal(base_layer: nn.Module, adapter_names: list[str]) -> Optional[str]:
+    """Why ``adapter_names`` cannot be merged into a quantized ``base_layer``, or None.
 
     We do not dequantize, merge and re-quantize (peft's LoRA does, with a warning): a fine-tuned
     delta is mostly smaller than the quantization step, so re-quantizing ``W + delta`` silently
@@ -82,11 +82,18 @@ def check_merge_supported(base_layer: nn.Module, adapter_names: list[str]) -> No
     """
     kind = quantization_of(base_layer)
     if kind is None or not adapter_names:
-        return
-    raise ValueError(
+        return None
+    return (
         f"cannot merge adapter(s) {adapter_names} into a bitsandbytes {kind} {type(base_layer).__name__}: "
         "re-quantizing W + delta would round most of the delta away. Load the base model without "
         "quantization (dtype=torch.float32 or torch.bfloat16, no quantization_config), load the adapter "
         "with PeftModel.from_pretrained, then call merge_and_unload(); or use the adapter unmerged "
         "(unload() returns the quantized base unchanged)."
     )
+
+
+def check_merge_supported(base_layer: nn.Module, adapter_names: list[str]) -> None:
+    """Raise ValueError when ``adapter_names`` would be merged into a quantized ``base_layer`` (see :func:`merge_refusal`)."""
+    refusal = merge_refusal(base_layer, adapter_names)
+    if refusal is not None:
+        raise ValueError(refusal)

@@ -1,4 +1,4 @@
-"""Linear forward through a weight with the sparse delta already merged in, and a sparse gradient for the delta."""
+"""Linear forward through a weight that may hold sparse deltas, and a sparse gradient for those deltas."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from triton_kernels import sampled_dense_dense_matmul
+
+from .write_guard import GraphHolds
 
 # Called in backward with (left [rows, T], right [T, cols]) whose product is the dense weight gradient.
 GradientObserver = Callable[[torch.Tensor, torch.Tensor], None]
@@ -24,19 +26,23 @@ class SparseDeltaBinding:
 
 
 class MergedSparseDeltaLinear(torch.autograd.Function):
-    """``y = x @ W^T + b`` where W already holds ``W0 + delta``; backward gives ``d values`` by SDDMM.
+    """``y = x @ W^T + b`` where W holds ``W0 + delta``; backward gives ``d values`` by SDDMM.
 
     ``weight_is_transposed`` is True for transformers' ``Conv1D`` (weight stored [in, out]).
     The dense weight gradient is never formed, except inside an observer on selection steps.
+    With no bindings it is a plain linear whose graph is counted in ``holds``: while the graph
+    lives, the layer does not write the weight (see :mod:`.write_guard`).
     """
 
     @staticmethod
-    def forward(ctx, inputs, weight, bias, weight_is_transposed, bindings, *values):
+    def forward(ctx, inputs, weight, bias, weight_is_transposed, holds: GraphHolds, bindings, *values):
         ctx.weight_is_transposed = weight_is_transposed
         ctx.bindings = bindings
         ctx.bias_requires_grad = bias is not None and bias.requires_grad
         ctx.value_dtypes = [v.dtype for v in values]
         ctx.save_for_backward(inputs, weight)
+        if any(ctx.needs_input_grad):  # a graph keeps this ctx, and with it the saved weight
+            ctx.weight_hold = holds.hold()
         matrix = weight.t() if weight_is_transposed else weight
         output = F.linear(inputs, matrix, bias)
         ctx.compute_dtype = output.dtype  # differs from the weight's under autocast
@@ -64,4 +70,20 @@ class MergedSparseDeltaLinear(torch.autograd.Function):
             grad_values.append(grad.to(dtype))
             if binding.observer is not None:
                 binding.observer(left, right)
-        return (grad_inputs, None, grad_bias, None, None, *grad_values)
+        ctx.weight_hold.release()
+        return (grad_inputs, None, grad_bias, None, None, None, *grad_values)
+
+
+def observe_weight_gradient(
+    observer: GradientObserver,
+    inputs: torch.Tensor,
+    weight_is_transposed: bool,
+    grad_output: torch.Tensor,
+) -> None:
+    """Hand ``observer`` the factors of the stored weight's gradient (a tensor hook on a sparse term's output)."""
+    inputs_2d = inputs.reshape(-1, inputs.shape[-1])  # [T, in]
+    grad_2d = grad_output.reshape(-1, grad_output.shape[-1])  # [T, out]
+    if weight_is_transposed:
+        observer(inputs_2d.t(), grad_2d)
+    else:
+        observer(grad_2d.t(), inputs_2d)

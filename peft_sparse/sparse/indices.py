@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zlib
+from typing import Optional
 
 import torch
 
@@ -70,3 +71,23 @@ def check_index_set(indices: torch.Tensor, num_entries: int, where: str) -> None
         )
     if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
         raise ValueError(f"{where}: indices must be sorted ascending without duplicates")
+
+
+def output_major_pattern(
+    indices: torch.Tensor, shape: tuple[int, int], weight_is_transposed: bool
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """CSR of the delta as an [out, in] matrix S, for ``x @ S^T``: ``(crow [out + 1], col [k], permutation)``.
+
+    ``indices`` address the weight as stored (``shape``); for a Conv1D weight, stored [in, out], the
+    entries are reordered and ``values[permutation]`` lines them up with the pattern (else None).
+    """
+    if not weight_is_transposed:
+        crow, col = csr_pattern(indices, shape)
+        return crow, col, None
+    in_features, out_features = shape
+    as_output_major = (indices % out_features).long() * in_features + torch.div(
+        indices, out_features, rounding_mode="floor"
+    ).long()
+    permutation = torch.argsort(as_output_major)
+    crow, col = csr_pattern(as_output_major[permutation].to(indices.dtype), (out_features, in_features))
+    return crow, col, permutation

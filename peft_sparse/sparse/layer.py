@@ -1,16 +1,29 @@
 """The shared sparse-delta layer: a frozen dense weight plus trainable ``values`` at flat ``indices``.
 
-The delta lives *merged in place* in the frozen weight (``W = W0 + delta``) so the
-forward pass is a plain linear. The weight entries under each written delta are
-kept, so restoring ``W0`` (unmerge, disable, unload) is bit-exact. Writes are lazy:
-after an optimizer step changes ``values`` (or a selection step changes
-``indices``), the next forward sees they differ from what was written and re-writes.
+One layer, two ways to apply a delta, chosen per forward by what is safe:
+
+* **in place** (the fast path): the delta is written into the frozen weight (``W = W0 + delta``),
+  so the forward is a plain linear and ``d values`` is an SDDMM;
+* **additive**: the weight is left as it is and the output corrected with sparse terms,
+  ``y = x W^T + x (S_wanted - S_written)^T``, as on quantized bases.
+
+A forward writes the weight only when the layer may hold the delta in place (a dense, untied base
+and ``delta_in_place=True``) and no autograd graph still holds the weight for backward
+(:mod:`.write_guard`). So a forward with the adapter disabled, another adapter active, or a DPO/GRPO
+reference pass never modifies a tensor a pending backward needs. Writes touch only the ``k`` indexed
+entries; the entries under each written delta are kept, so restoring ``W0`` is bit-exact.
+
+Outside the layer the weight is always ``W0``: ``state_dict()`` reports the pristine base weight (it
+restores it in place when that is safe, else hands out a restored copy), and ``load_state_dict``
+takes written deltas out before loading.
 """
 
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import torch
@@ -19,22 +32,47 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from triton_kernels import scatter_assign
+from triton_kernels import scatter_assign, sparse_delta_matmul
 
 from ..quantization import delta_dtype, dequantized_weight, quantization_of, weight_matrix_shape
-from .gradient import GradientObserver, MergedSparseDeltaLinear, SparseDeltaBinding
-from .indices import check_index_set, csr_pattern
+from .gradient import MergedSparseDeltaLinear, SparseDeltaBinding, observe_weight_gradient
+from .indices import check_index_set, csr_pattern, output_major_pattern
+from .write_guard import GraphHolds, optimizer_steps
 
 SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
+# init_weights=False: values start at N(0, INIT_VALUES_STD^2), seeded per layer (for tests, as peft's methods do)
+INIT_VALUES_STD = 0.1
+
+
+@dataclass
+class _Source:
+    """What a written delta was made from; the delta is stale once any of it changed."""
+
+    values: torch.Tensor
+    values_version: int
+    indices: torch.Tensor
+    indices_version: int
+    optimizer_steps: int
+
+    def matches(self, values: torch.Tensor, indices: torch.Tensor) -> bool:
+        return (
+            self.values is values
+            and self.indices is indices
+            and self.values_version == values._version
+            and self.indices_version == indices._version
+            and self.optimizer_steps == optimizer_steps()
+        )
 
 
 @dataclass
 class _WrittenDelta:
-    """A delta currently added into the base weight, with what is needed to take it out exactly."""
+    """A delta currently written into the base weight, with what is needed to take it out exactly."""
 
     indices: torch.Tensor  # copy of the indices written to (the live buffer may change underneath)
     base_values: torch.Tensor  # weight entries at `indices` before the write
-    values: torch.Tensor  # copy of the values written
+    undo: torch.Tensor  # fp32 [k]: base_values - written entries; adding this term takes the delta out
+    source: _Source
+    undo_pattern: Optional[tuple] = None  # output-major CSR of `indices`, made on first additive use
 
 
 @dataclass
@@ -43,6 +81,7 @@ class _CachedPattern:
     indices_version: int
     crow_indices: torch.Tensor
     col_indices: torch.Tensor
+    output_major: Optional[tuple] = None  # (crow, col, permutation) for the additive path
 
 
 class SparseDeltaLayer(BaseTunerLayer):
@@ -51,7 +90,7 @@ class SparseDeltaLayer(BaseTunerLayer):
     adapter_layer_names = ("sparse_values",)
     other_param_names = ("sparse_indices",)
 
-    def __init__(self, base_layer: nn.Module) -> None:
+    def __init__(self, base_layer: nn.Module, writes_in_place: bool = True) -> None:
         self.base_layer = base_layer
         # attribute names come from the class, so each method has its own state-dict prefix
         setattr(self, self.adapter_layer_names[0], nn.ParameterDict({}))
@@ -60,7 +99,9 @@ class SparseDeltaLayer(BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self._written: dict[str, _WrittenDelta] = {}
         self._patterns: dict[str, _CachedPattern] = {}
-        self.gradient_observers: dict[str, GradientObserver] = {}
+        self._exported_weights: list[weakref.ref] = []
+        self.gradient_observers: dict = {}
+        self.weight_holds = GraphHolds()
 
         base = self.get_base_layer()
         if not isinstance(base, SUPPORTED_BASE_LAYERS):
@@ -70,6 +111,13 @@ class SparseDeltaLayer(BaseTunerLayer):
         self.weight_is_transposed = isinstance(base, Conv1D)
         if not base.weight.is_contiguous():
             raise ValueError(f"sparse-delta layers need a contiguous base weight, got strides {base.weight.stride()}")
+        rows, cols = weight_matrix_shape(base)
+        self.in_features, self.out_features = (rows, cols) if self.weight_is_transposed else (cols, rows)
+        # a tied or quantized weight never holds the delta; it is applied as a sparse term instead
+        self.writes_in_place = writes_in_place and quantization_of(base) is None
+        self.weight_is_tied = False
+        self.register_state_dict_post_hook(_report_pristine_base_weight)
+        self.register_load_state_dict_pre_hook(_take_written_deltas_out)
 
     @property
     def delta_values(self) -> nn.ParameterDict:
@@ -91,12 +139,28 @@ class SparseDeltaLayer(BaseTunerLayer):
         rows, cols = self.weight_shape
         return rows * cols
 
-    def update_layer(self, adapter_name: str, indices: torch.Tensor, inference_mode: bool = False) -> None:
-        """Add adapter ``adapter_name`` with trainable zeros at the sorted flat ``indices`` [k]."""
+    def update_layer(
+        self,
+        adapter_name: str,
+        indices: torch.Tensor,
+        init_weights: bool = True,
+        init_seed: int = 0,
+        inference_mode: bool = False,
+    ) -> None:
+        """Add adapter ``adapter_name`` with trainable values at the sorted flat ``indices`` [k].
+
+        ``init_weights=True``: the values start at zero (the model is unchanged); False: seeded
+        ``N(0, 0.1^2)`` values (a non-zero delta, as peft's other methods offer for tests).
+        """
         weight = self.get_base_layer().weight
         check_index_set(indices, self.num_entries, where=f"adapter '{adapter_name}'")
         values_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        self.delta_values[adapter_name] = nn.Parameter(torch.zeros(indices.numel(), dtype=values_dtype))
+        if init_weights:
+            values = torch.zeros(indices.numel(), dtype=values_dtype)
+        else:
+            generator = torch.Generator().manual_seed(init_seed)
+            values = torch.randn(indices.numel(), generator=generator, dtype=values_dtype) * INIT_VALUES_STD
+        self.delta_values[adapter_name] = nn.Parameter(values)
         self.delta_indices[adapter_name] = indices.clone()
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
@@ -112,36 +176,49 @@ class SparseDeltaLayer(BaseTunerLayer):
         return delta.view(self.weight_shape).to(delta_dtype(self.get_base_layer()))
 
     @torch.no_grad()
+    def pristine_weight(self) -> torch.Tensor:
+        """``W0`` as a new tensor shaped and typed like the stored weight (written deltas taken out)."""
+        weight = self.get_base_layer().weight.detach().clone()
+        for written in reversed(self._written.values()):  # last-in first-out, as in _sync_written
+            weight.view(-1)[written.indices.long()] = written.base_values.to(weight.device)
+        return weight
+
+    @torch.no_grad()
     def effective_weight(self, adapter_name: str) -> torch.Tensor:
         """``W0 + delta`` of one adapter with its current values, as a new fp32 tensor shaped like the weight.
 
         On a quantized base ``W0`` is dequantized for the call (transient: one matrix at a time).
         """
         weight = dequantized_weight(self.get_base_layer()).clone().view(-1)
-        for written in reversed(self._written.values()):  # last-in first-out, as in _sync_written
+        for written in reversed(self._written.values()):
             weight[written.indices.long()] = written.base_values.float()
         indices = self.delta_indices[adapter_name].long()
         weight[indices] += self.delta_values[adapter_name].detach().float()
         return weight.view(self.weight_shape)
 
-    # --- keeping the written deltas in sync -------------------------------------------------
+    # --- what is written into the weight ------------------------------------------------------
+
+    def may_write(self) -> bool:
+        """Whether a forward may change what the weight holds: in-place layer, and no graph holds the weight."""
+        return self.writes_in_place and self.weight_holds.count == 0
 
     def _is_fresh(self, adapter_name: str) -> bool:
-        # Compare contents, not tensor versions: fused optimizers (the Trainer's default
-        # adamw_torch_fused) update parameters without bumping their version counter.
-        # Two O(k) reads per layer are negligible next to the layer's matmul.
-        written = self._written[adapter_name]
-        return torch.equal(written.values, self.delta_values[adapter_name].detach()) and torch.equal(
-            written.indices, self.delta_indices[adapter_name]
+        # host-side counters only: no GPU synchronisation per forward (see write_guard)
+        return self._written[adapter_name].source.matches(
+            self.delta_values[adapter_name], self.delta_indices[adapter_name]
         )
 
     @torch.no_grad()
     def _write(self, adapter_name: str) -> None:
+        self._detach_exported_weights()
         weight = self.get_base_layer().weight
         values, indices = self.delta_values[adapter_name], self.delta_indices[adapter_name]
-        base_values = weight.view(-1)[indices.long()]
+        positions = indices.long()
+        base_values = weight.view(-1)[positions]
         scatter_assign(weight, indices, base_values, values)
-        self._written[adapter_name] = _WrittenDelta(indices.clone(), base_values, values.detach().clone())
+        undo = base_values.float() - weight.view(-1)[positions].float()
+        source = _Source(values, values._version, indices, indices._version, optimizer_steps())
+        self._written[adapter_name] = _WrittenDelta(indices.clone(), base_values, undo, source)
 
     @torch.no_grad()
     def _restore(self, adapter_name: str) -> None:
@@ -163,6 +240,29 @@ class SparseDeltaLayer(BaseTunerLayer):
             if adapter_name not in self._written:
                 self._write(adapter_name)
 
+    def _detach_exported_weights(self) -> None:
+        """Give the weight new storage if a state dict still holds the ``W0`` it was handed (it must stay ``W0``)."""
+        if any(reference() is not None for reference in self._exported_weights):
+            weight = self.get_base_layer().weight
+            weight.data = weight.data.clone()
+        self._exported_weights.clear()
+
+    def _export_pristine_weight(self) -> torch.Tensor:
+        """``W0`` for a state dict: the weight itself after taking the deltas out, if that is safe, else a copy."""
+        if self._written and not (self.writes_in_place and self.weight_holds.count == 0):
+            return self.pristine_weight()
+        self._sync_written([])  # k writes; the next forward writes the deltas back
+        exported = self.get_base_layer().weight.detach()
+        self._exported_weights.append(weakref.ref(exported))
+        return exported
+
+    def base_weight_key(self) -> str:
+        """State-dict key of the base weight relative to this layer (``base_layer.weight``, nested if wrapped)."""
+        key, module = "base_layer", self.base_layer
+        while hasattr(module, "base_layer"):
+            key, module = f"{key}.base_layer", module.base_layer
+        return f"{key}.weight"
+
     def _pattern(self, adapter_name: str) -> _CachedPattern:
         indices = self.delta_indices[adapter_name]
         cached = self._patterns.get(adapter_name)
@@ -173,20 +273,104 @@ class SparseDeltaLayer(BaseTunerLayer):
             self._patterns[adapter_name] = cached
         return cached
 
-    # --- peft layer API ---------------------------------------------------------------------
+    # --- forward ------------------------------------------------------------------------------
+
+    def _wanted_adapters(self) -> list[str]:
+        if self.disable_adapters:
+            return []
+        if self.merged:
+            return list(self.merged_adapters)
+        return [name for name in self.active_adapters if name in self.delta_values]
+
+    def _base_output(self, x: torch.Tensor, in_weight: list[str], *args, **kwargs) -> torch.Tensor:
+        """``x W^T + b`` with the weight as it is; ``d values`` by SDDMM for the trainable adapters it holds."""
+        if not torch.is_grad_enabled():
+            return self.base_layer(x, *args, **kwargs)
+        trainable = [name for name in in_weight if self.delta_values[name].requires_grad]
+        bindings = []
+        for name in trainable:
+            pattern = self._pattern(name)
+            bindings.append(
+                SparseDeltaBinding(pattern.crow_indices, pattern.col_indices, self.gradient_observers.get(name))
+            )
+        base = self.get_base_layer()
+        return MergedSparseDeltaLinear.apply(
+            x, base.weight, base.bias, self.weight_is_transposed, self.weight_holds, bindings,
+            *(self.delta_values[name] for name in trainable),
+        )
+
+    def _delta_term(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """``x @ S^T`` for one adapter's current values, differentiable in ``x`` and the values."""
+        pattern = self._pattern(adapter_name)
+        if pattern.output_major is None:
+            pattern.output_major = output_major_pattern(
+                pattern.indices, self.weight_shape, self.weight_is_transposed
+            )
+        crow, col, permutation = pattern.output_major
+        values = self.delta_values[adapter_name]
+        term = sparse_delta_matmul(
+            x, values if permutation is None else values[permutation], crow, col, self.out_features
+        )
+        observer = self.gradient_observers.get(adapter_name)
+        if observer is not None and term.requires_grad:
+            term.register_hook(partial(observe_weight_gradient, observer, x.detach(), self.weight_is_transposed))
+        return term
+
+    def _undo_term(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """``x @ U^T`` with U the written delta of one adapter negated, from the entries actually written."""
+        written = self._written[adapter_name]
+        if written.undo_pattern is None or written.undo_pattern[0].device != x.device:
+            written.undo_pattern = output_major_pattern(
+                written.indices.to(x.device), self.weight_shape, self.weight_is_transposed
+            )
+        crow, col, permutation = written.undo_pattern
+        undo = written.undo.to(x.device)
+        return sparse_delta_matmul(
+            x, undo if permutation is None else undo[permutation], crow, col, self.out_features
+        )
+
+    def forward_with_deltas(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The base output with exactly the wanted deltas, in place where safe, else additively."""
+        wanted = self._wanted_adapters()
+        if self.may_write():
+            self._sync_written(wanted)
+        fresh = {name for name in self._written if self._is_fresh(name)}
+        in_weight = [name for name in wanted if name in fresh]
+        result = self._base_output(x, in_weight, *args, **kwargs)
+        for name in reversed(self._written):
+            if name not in in_weight:
+                result = result + self._undo_term(x, name).to(result.dtype)
+        for name in wanted:
+            if name not in in_weight:
+                result = result + self._delta_term(x, name).to(result.dtype)
+        return result
+
+    # --- peft layer API -----------------------------------------------------------------------
+
+    def merge_refusal(self, adapter_names: list[str]) -> Optional[str]:
+        """Why ``adapter_names`` cannot be merged into this layer, or None."""
+        if adapter_names and self.weight_is_tied:
+            return (
+                f"cannot merge adapter(s) {adapter_names}: this layer's weight is tied to another module (e.g. the "
+                "input embeddings), which would change too. Load the base model with tie_word_embeddings=False "
+                "(or untie the weights) before adding the adapter, or use the adapter unmerged"
+            )
+        return None
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Merge adapters into the base weight (``safe_merge`` checks the values for NaN/Inf first)."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         adapter_names = [name for name in adapter_names if name in self.delta_values]
-        if not adapter_names:
-            return
+        refusal = self.merge_refusal(adapter_names)
+        if refusal is not None:
+            raise ValueError(refusal)
         if safe_merge:
             for name in adapter_names:
                 if not torch.isfinite(self.delta_values[name]).all():
                     raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-        self._sync_written(self.merged_adapters + adapter_names)
         self.merged_adapters.extend(adapter_names)
+        if self.merged_adapters:  # an explicit request: writes even while a graph holds the weight, as peft's merge
+            self._sync_written(self.merged_adapters)
 
     def unmerge(self) -> None:
         """Restore the base weight bit-exactly."""
@@ -250,8 +434,24 @@ class SparseDeltaLayer(BaseTunerLayer):
         return source_positions
 
 
+def _report_pristine_base_weight(module: SparseDeltaLayer, state_dict: dict, prefix: str, local_metadata) -> None:
+    """State-dict post-hook: the base weight is reported as ``W0``, never with a written delta."""
+    key = prefix + module.base_weight_key()
+    # a layer that never writes its weight (quantized, tied, exact mode) leaves the entry as it is
+    if key in state_dict and (module.writes_in_place or module._written):
+        state_dict[key] = module._export_pristine_weight()
+
+
+def _take_written_deltas_out(module: SparseDeltaLayer, state_dict, prefix, *args) -> None:
+    """Load-state-dict pre-hook: a loaded base weight is ``W0``, and loaded values are written afresh."""
+    module._sync_written([])
+
+
 class SparseDeltaLinear(nn.Module, SparseDeltaLayer):
     """Sparse-delta adapter around an ``nn.Linear`` or transformers ``Conv1D``.
+
+    ``writes_in_place=False`` keeps the delta out of the weight (a tied weight, or the exact mode
+    for bf16/fp16 bases: the forward sees ``W0 + delta`` with the delta in fp32).
 
     Example:
         >>> layer = SparseDeltaLinear(nn.Linear(8, 4), "default", torch.tensor([0, 5, 17], dtype=torch.int32))
@@ -259,40 +459,30 @@ class SparseDeltaLinear(nn.Module, SparseDeltaLayer):
         torch.Size([2, 4])
     """
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, indices: torch.Tensor) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        indices: torch.Tensor,
+        writes_in_place: bool = True,
+        init_weights: bool = True,
+        init_seed: int = 0,
+    ) -> None:
         super().__init__()
-        SparseDeltaLayer.__init__(self, base_layer)
+        SparseDeltaLayer.__init__(self, base_layer, writes_in_place)
+        self._check_base_layer()
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, indices, init_weights=init_weights, init_seed=init_seed)
+
+    def _check_base_layer(self) -> None:
         if quantization_of(self.get_base_layer()) is not None:
             raise ValueError(
                 f"a bitsandbytes {type(self.get_base_layer()).__name__} cannot hold the delta in place; "
                 "use QuantizedSparseDeltaLinear (get_peft_model picks it for quantized layers)"
             )
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, indices)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            self._sync_written([])
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        active = [name for name in self.active_adapters if name in self.delta_values]
-        self._sync_written(active)
-        trainable = [name for name in active if self.delta_values[name].requires_grad]
-        if not trainable or not torch.is_grad_enabled():
-            return self.base_layer(x, *args, **kwargs)
-        base = self.get_base_layer()
-        bindings = []
-        for name in trainable:
-            pattern = self._pattern(name)
-            bindings.append(
-                SparseDeltaBinding(pattern.crow_indices, pattern.col_indices, self.gradient_observers.get(name))
-            )
-        return MergedSparseDeltaLinear.apply(
-            x, base.weight, base.bias, self.weight_is_transposed, bindings, *(self.delta_values[n] for n in trainable)
-        )
+        return self.forward_with_deltas(x, *args, **kwargs)
 
     def __repr__(self) -> str:
         return "sparse." + super().__repr__()

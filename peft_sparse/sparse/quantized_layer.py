@@ -1,41 +1,28 @@
 """The sparse-delta layer on a bitsandbytes 4-bit (NF4/FP4) or 8-bit base: ``y = base(x) + x @ S^T``.
 
-A quantized weight cannot hold the delta in place, so the delta is a separate sparse term, S the
-[out, in] matrix with ``values`` at the sorted flat ``indices`` (a CSR pattern). The term goes through
-:func:`triton_kernels.sparse_delta_matmul` (CSR matmul on CPU, Triton on CUDA), whose backward gives
-``d values`` by SDDMM and ``d x`` by ``dY @ S``: the base weight is never dequantized, in forward or
-in backward, and no dense copy of it is kept. Merging is refused (see
-:func:`peft_sparse.quantization.check_merge_supported`).
+A quantized weight cannot hold the delta in place, so the layer always takes the additive path of
+:class:`~peft_sparse.sparse.layer.SparseDeltaLayer`: S is the [out, in] matrix with ``values`` at the
+sorted flat ``indices`` (a CSR pattern), applied by :func:`triton_kernels.sparse_delta_matmul` (CSR
+matmul on CPU, Triton on CUDA), whose backward gives ``d values`` by SDDMM and ``d x`` by ``dY @ S``:
+the base weight is never dequantized, in forward or in backward. Merging is refused (see
+:func:`peft_sparse.quantization.merge_refusal`).
 """
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Optional
 
 import torch
-from peft.tuners.tuners_utils import check_adapters_to_merge
-from torch import nn
 
-from triton_kernels import sparse_delta_matmul
-
-from ..quantization import check_merge_supported, keep_trainable_layout, quantization_of
-from .gradient import GradientObserver
-from .layer import SparseDeltaLayer
+from ..quantization import keep_trainable_layout, merge_refusal, quantization_of
+from .layer import SparseDeltaLinear
 
 
-def _observe_gradient(
-    observer: GradientObserver, inputs: torch.Tensor, grad_output: torch.Tensor, out_features: int
-) -> None:
-    # the layer's weight gradient is grad_output^T @ inputs: [out, T] @ [T, in]
-    observer(grad_output.reshape(-1, out_features).t(), inputs.reshape(-1, inputs.shape[-1]))
-
-
-class QuantizedSparseDeltaLinear(nn.Module, SparseDeltaLayer):
+class QuantizedSparseDeltaLinear(SparseDeltaLinear):
     """Sparse-delta adapter around a bitsandbytes ``Linear4bit`` or ``Linear8bitLt``.
 
     Same state, state-dict names, selection steps and loading checks as :class:`SparseDeltaLinear`;
-    only the way the delta is applied differs.
+    the delta is always a separate sparse term.
 
     Example:
         >>> import bitsandbytes as bnb  # doctest: +SKIP
@@ -45,40 +32,17 @@ class QuantizedSparseDeltaLinear(nn.Module, SparseDeltaLayer):
         torch.Size([2, 32])
     """
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, indices: torch.Tensor) -> None:
-        super().__init__()
-        SparseDeltaLayer.__init__(self, base_layer)
-        if quantization_of(self.get_base_layer()) is None:
+    def _check_base_layer(self) -> None:
+        base = self.get_base_layer()
+        if quantization_of(base) is None:
             raise ValueError(
                 f"QuantizedSparseDeltaLinear needs a bitsandbytes Linear4bit or Linear8bitLt base layer, got "
-                f"{type(self.get_base_layer()).__name__}; use SparseDeltaLinear for dense layers"
+                f"{type(base).__name__}; use SparseDeltaLinear for dense layers"
             )
-        keep_trainable_layout(self.get_base_layer())
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, indices)
+        keep_trainable_layout(base)
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Always raises ValueError (for a non-empty merge): a quantized weight cannot take the delta exactly."""
-        adapter_names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.delta_values]
-        check_merge_supported(self.get_base_layer(), adapter_names)
+    def merge_refusal(self, adapter_names: list[str]) -> Optional[str]:
+        return merge_refusal(self.get_base_layer(), adapter_names)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        if self.disable_adapters:
-            return result
-        out_features = self.weight_shape[0]
-        for name in self.active_adapters:
-            if name not in self.delta_values:
-                continue
-            pattern = self._pattern(name)
-            values = self.delta_values[name]
-            # x keeps its dtype (bf16 inputs stay bf16 in memory); the kernel sums in fp32
-            term = sparse_delta_matmul(x, values, pattern.crow_indices, pattern.col_indices, out_features)
-            observer = self.gradient_observers.get(name)
-            if observer is not None and term.requires_grad:
-                term.register_hook(partial(_observe_gradient, observer, x.detach(), out_features=out_features))
-            result = result + term.to(result.dtype)
-        return result
-
-    def __repr__(self) -> str:
-        return "sparse." + super().__repr__()
+    def _base_output(self, x: torch.Tensor, in_weight: list[str], *args, **kwargs) -> torch.Tensor:
+        return self.base_layer(x, *args, **kwargs)  # bitsandbytes' own autograd; the weight is never written

@@ -11,7 +11,7 @@ from torch import nn
 from ..loading import AllOrNothingTuner
 from .distributed import all_reduce_mean_
 from ..quantization import quantization_of, weight_matrix_shape
-from .indices import check_index_set
+from .indices import check_index_set, layer_seed
 from .layer import SUPPORTED_BASE_LAYERS, SparseDeltaLayer, SparseDeltaLinear
 from .optimizer_state import remap_optimizer_state
 from .quantized_layer import QuantizedSparseDeltaLinear
@@ -91,14 +91,23 @@ class SparseDeltaTuner(AllOrNothingTuner):
         rows, cols = weight_matrix_shape(base)
         count = self._num_values(config, adapter_name, current_key, rows * cols)
         indices = self._initial_indices(config, base, count, current_key).to(base.weight.device)
+        init = dict(init_weights=config.init_weights, init_seed=layer_seed(config.init_seed, f"{current_key}.values"))
+        tied = self._weight_is_tied(base.weight)
         layer_cls = self.quantized_layer_cls if quantization_of(base) is not None else self.delta_layer_cls
         if isinstance(target, layer_cls):
-            target.update_layer(adapter_name, indices)
-            return
-        new_module = layer_cls(target, adapter_name, indices)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+            target.update_layer(adapter_name, indices, **init)
+        else:
+            new_module = layer_cls(target, adapter_name, indices, writes_in_place=config.delta_in_place, **init)
+            if adapter_name not in self.active_adapters:
+                new_module.requires_grad_(False)
+            self._replace_module(parent, target_name, new_module, target)
+            target = new_module
+        target.weight_is_tied = tied
+        target.writes_in_place = target.writes_in_place and config.delta_in_place and not tied
+
+    def _weight_is_tied(self, weight: nn.Parameter) -> bool:
+        """Whether ``weight`` is shared with another module (e.g. an output head tied to the input embeddings)."""
+        return sum(parameter is weight for _, parameter in self.model.named_parameters(remove_duplicate=False)) > 1
 
     # --- selection steps ---------------------------------------------------------------------
 

@@ -7,12 +7,13 @@ from typing import Optional, Union
 
 from peft.utils.peft_types import PeftType
 
-from ...config_base import PeftSparseConfig, check_choice, check_fraction, check_positive_int
+from ...config_base import check_choice, check_fraction, check_positive_int
+from ...sparse.config import SparseDeltaConfig
 from ...sparse.principal import SVD_METHODS
 
 
 @dataclass
-class LiftConfig(PeftSparseConfig):
+class LiftConfig(SparseDeltaConfig):
     """LIFT: train the entries of each target matrix that are largest in its rank-``rank`` approximation.
 
     Budget per matrix [m, n]: either ``density`` (default 0.05) or ``lora_rank_budget`` r_b, the

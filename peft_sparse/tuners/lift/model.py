@@ -9,7 +9,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...quantization import dequantized_weight, weight_matrix_shape
-from ...sparse.indices import layer_seed
+from ...sparse.indices import index_dtype_for, layer_seed
 from ...sparse.layer import SparseDeltaLayer
 from ...sparse.principal import principal_weight_indices
 from ...sparse.selection import GrowthStatistics
@@ -66,7 +66,8 @@ class LiftModel(SparseDeltaTuner):
     def _initial_indices(self, config: LiftConfig, base_layer: nn.Module, count: int, module_name: str):
         if config.inference_mode:
             # an adapter loaded for inference gets its indices from the checkpoint; any valid set will do here
-            return torch.arange(count, dtype=torch.int64)
+            rows, cols = weight_matrix_shape(base_layer)
+            return torch.arange(count, dtype=index_dtype_for(rows * cols))
         if self._selection_progress is None:  # created here: target_modules are resolved by now
             total = len(self._matched_weight_sizes(config))
             self._selection_progress = tqdm(total=total, desc="LIFT: selecting principal weights", unit="matrix")

@@ -7,16 +7,15 @@ from typing import Optional
 
 from peft.utils.peft_types import PeftType
 
-from ...config_base import PeftSparseConfig, check_choice, check_fraction, check_positive_int
+from ...config_base import check_choice, check_fraction, check_positive_int
+from ...sparse.config import SparseDeltaConfig
 
 SELECTIONS = ("ag", "ma", "random")
 RATE_SCHEDULES = ("linear", "cosine", "constant")
 
 
-
-
 @dataclass
-class SparseConfig(PeftSparseConfig):
+class SparseConfig(SparseDeltaConfig):
     """Sparse fine-tuning: train ``values`` at a learned set of weight ``indices`` with prune/regrow.
 
     Give either ``density`` (the fraction of every target matrix; default 0.01) or
