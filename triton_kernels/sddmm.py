@@ -35,7 +35,8 @@ def sampled_dense_dense_matmul_reference(
         size=(rows, cols),
         check_invariants=False,
     )
-    product = torch.sparse.sampled_addmm(pattern, left.float(), right.float(), beta=0.0)
+    with torch.autocast(device_type=left.device.type, enabled=False):  # keep the fp32 sums under autocast
+        product = torch.sparse.sampled_addmm(pattern, left.float(), right.float(), beta=0.0)
     return product.values()
 
 

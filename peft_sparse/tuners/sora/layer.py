@@ -48,9 +48,16 @@ class SoraLayer(AdditiveDeltaLayer, BaseTunerLayer):
         self.in_features, self.out_features = in_features, out_features
 
     def update_layer(
-        self, adapter_name: str, r: int, alpha: float, dropout: float, gate_init: str, inference_mode: bool = False
+        self,
+        adapter_name: str,
+        r: int,
+        alpha: float,
+        dropout: float,
+        gate_init: str,
+        init_weights: bool = True,
+        inference_mode: bool = False,
     ) -> None:
-        """Add adapter ``adapter_name`` of rank ``r``; it starts as a zero delta (``B = 0``)."""
+        """Add adapter ``adapter_name`` of rank ``r``; a zero delta (``B = 0``), or random ``B`` if not ``init_weights``."""
         self.r[adapter_name] = r
         self.alpha[adapter_name] = alpha
         self.scaling[adapter_name] = alpha / r
@@ -58,7 +65,10 @@ class SoraLayer(AdditiveDeltaLayer, BaseTunerLayer):
         weight_a = torch.empty(r, self.in_features)
         nn.init.kaiming_uniform_(weight_a, a=math.sqrt(5))  # as peft's LoRA A
         self.sora_A[adapter_name] = nn.Parameter(weight_a)
-        self.sora_B[adapter_name] = nn.Parameter(torch.zeros(self.out_features, r))
+        weight_b = torch.zeros(self.out_features, r)
+        if not init_weights:  # as peft's LoRA with init_lora_weights=False: B initialised like A
+            nn.init.kaiming_uniform_(weight_b, a=math.sqrt(5))
+        self.sora_B[adapter_name] = nn.Parameter(weight_b)
         self.sora_gate[adapter_name] = nn.Parameter(torch.ones(r) if gate_init == "ones" else torch.randn(r))
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)

@@ -37,7 +37,10 @@ class SoraModel(AllOrNothingTuner):
                 f"target module '{current_key}' is a {type(base).__name__}; SoraConfig supports torch.nn.Linear and "
                 "transformers Conv1D. Change target_modules to leave it out."
             )
-        layer_kwargs = dict(r=config.r, alpha=config.alpha, dropout=config.dropout, gate_init=config.gate_init)
+        layer_kwargs = dict(
+            r=config.r, alpha=config.alpha, dropout=config.dropout, gate_init=config.gate_init,
+            init_weights=config.init_weights,
+        )
         if isinstance(target, SoraLinear):
             target.update_layer(adapter_name, **layer_kwargs)
             return
