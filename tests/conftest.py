@@ -45,6 +45,16 @@ def make_tiny_llama(seed: int = 0, intermediate_size: int = 64) -> LlamaForCausa
     return LlamaForCausalLM(config).eval()
 
 
+def make_tied_llama(seed: int = 0) -> LlamaForCausalLM:
+    """One-layer Llama whose output head shares its weight with the input embeddings."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
 def make_tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=VOCAB_SIZE, n_embd=32, n_layer=2, n_head=4, n_positions=64)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
 from peft_sparse import FORMAT_VERSION, LiftConfig, SnellConfig, SoraConfig, SparseConfig, __version__
-from tests.conftest import make_tiny_llama
+from tests.conftest import make_tied_llama, make_tiny_llama
 
 TARGETS = ["q_proj", "up_proj"]
 CONFIGS = {
@@ -156,6 +156,11 @@ def broken_values_merge(tmp_path, saved, track, monkeypatch):
     track(model).merge_and_unload(safe_merge=True)
 
 
+def tied_merge(tmp_path, saved, track, monkeypatch):
+    model = get_peft_model(make_tied_llama(), SparseConfig(density=0.1, target_modules=["q_proj", "lm_head"]))
+    track(model).merge_and_unload()
+
+
 def bad_config(make_config):
     def action(tmp_path, saved, track, monkeypatch):
         make_config()
@@ -286,6 +291,14 @@ ROWS = [
         ValueError,
         r"NaNs detected in the merged weights\. The adapter default seems to be broken",
         broken_values_merge,
+    ),
+    (
+        "tied-merge",
+        ValueError,
+        r"module 'lm_head': cannot merge adapter\(s\) \['default'\]: this layer's weight is tied to another module "
+        r"\(e\.g\. the input embeddings\), which would change too\. Load the base model with tie_word_embeddings=False "
+        r"\(or untie the weights\) before adding the adapter, or use the adapter unmerged",
+        tied_merge,
     ),
 ]
 ROWS += [(row_id, ValueError, re.escape(message), bad_config(make)) for row_id, (make, message) in DENSITY_ROWS.items()]

@@ -7,12 +7,11 @@ import torch
 from accelerate import Accelerator
 from peft import PeftModel, get_peft_model
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from peft_sparse import SnellConfig, SoraConfig
 from peft_sparse.sparse import SparseDeltaLayer, SparseDeltaLinear
-from tests.conftest import SPARSE_DELTA_CONFIGS, VOCAB_SIZE, make_tiny_gpt2, make_tiny_llama
+from tests.conftest import SPARSE_DELTA_CONFIGS, make_tied_llama, make_tiny_gpt2, make_tiny_llama
 
 SPARSE_METHODS = pytest.mark.parametrize("method", sorted(SPARSE_DELTA_CONFIGS))
 # every method, with a non-zero delta from the start
@@ -195,18 +194,9 @@ def test_lift_adapter_loaded_for_inference_keeps_int32_indices(tmp_path):
             if key.endswith("lift_indices")} == {torch.int32}
 
 
-def tied_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
 @SPARSE_METHODS
 def test_a_tied_weight_never_holds_the_delta(method, input_ids):
-    base = tied_llama()
+    base = make_tied_llama()
     assert base.lm_head.weight is base.model.embed_tokens.weight
     embeddings = base.model.embed_tokens.weight.detach().clone()
     model = get_peft_model(base, SPARSE_DELTA_CONFIGS[method](target_modules=["lm_head", "q_proj"], init_weights=False))
@@ -225,7 +215,7 @@ def test_a_tied_weight_never_holds_the_delta(method, input_ids):
 
 @SPARSE_METHODS
 def test_merging_into_a_tied_weight_is_refused_and_changes_nothing(method, input_ids):
-    model = get_peft_model(tied_llama(), SPARSE_DELTA_CONFIGS[method](target_modules=["q_proj", "lm_head"], init_weights=False))
+    model = get_peft_model(make_tied_llama(), SPARSE_DELTA_CONFIGS[method](target_modules=["q_proj", "lm_head"], init_weights=False))
     expected = logits_of(model, input_ids)
     weights = {name: p.detach().clone() for name, p in model.named_parameters()}
     with pytest.raises(ValueError, match="module 'lm_head'.*tied to another module.*tie_word_embeddings=False"):
