@@ -3,12 +3,29 @@
 ``FORMAT_VERSION`` numbers the layout of a saved adapter (config fields and tensor names/meanings).
 Bump it when a change would make an older peft_sparse misread a new adapter; a reader refuses
 adapters with a newer format version instead of loading them wrongly. Adapters saved before the
-stamp existed are format 1.
+stamp existed are format 1. ``__version__`` is the installed distribution's (``pyproject.toml``'s)
+version, read from its metadata.
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+
+def installed_version(distribution: str = "peft-sparse") -> str:
+    """The installed version of ``distribution``; ``"0+unknown"`` when it is not installed (a bare source tree).
+
+    Example:
+        >>> installed_version("no-such-distribution")
+        '0+unknown'
+    """
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+__version__ = installed_version()
 FORMAT_VERSION = 1
 
 

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
 from peft_sparse import FORMAT_VERSION, LiftConfig, SnellConfig, SoraConfig, SparseConfig, __version__
+from peft_sparse.format_version import installed_version
 from tests.conftest import make_tied_llama, make_tiny_llama
 
 TARGETS = ["q_proj", "up_proj"]
@@ -369,3 +370,8 @@ def test_saving_stamps_this_version_over_the_one_read(saved, tmp_path):
     config = json.loads((tmp_path / "resaved" / "adapter_config.json").read_text())
     assert (config["peft_sparse_version"], config["format_version"]) == (__version__, FORMAT_VERSION)
     assert __version__ == importlib.metadata.version("peft-sparse")
+
+
+def test_version_without_an_installed_distribution_is_marked_unknown():
+    assert installed_version("peft-sparse") == importlib.metadata.version("peft-sparse")
+    assert installed_version("peft-sparse-never-installed") == "0+unknown"
