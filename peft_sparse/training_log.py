@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Union
 
-TRAINER_STATE_NAME = "trainer_state.json"
+from transformers.trainer_callback import TrainerState
+
+TRAINER_STATE_NAME = "trainer_state.json"  # the Trainer's name for it (transformers.trainer.TRAINER_STATE_NAME)
 
 LogHistory = list[dict]
 
@@ -28,7 +29,7 @@ def load_log_history(source: Union[LogHistory, str, Path]) -> LogHistory:
         raise ValueError(
             f"log_history must be a list, a {TRAINER_STATE_NAME} file or a folder with one, got '{source}'"
         )
-    return json.loads(path.read_text())["log_history"]
+    return TrainerState.load_from_json(str(path)).log_history
 
 
 def _is_scalar(value) -> bool:

@@ -10,10 +10,12 @@ import pytest
 import torch
 from peft import get_peft_model
 from safetensors.torch import load_file
+from transformers import TrainerState
 
 from peft_sparse import LiftConfig, SnellConfig, SoraConfig, SparseConfig
 from peft_sparse.cli import main
 from peft_sparse.summary import AdapterSummary, budget_text
+from peft_sparse.training_log import load_log_history
 from tests.conftest import make_tiny_llama
 
 TARGETS = ["q_proj", "up_proj"]
@@ -104,6 +106,14 @@ def test_plot_from_adapter_and_checkpoint_log_history(tmp_path, saved):
     with_churn = plot_adapter(tmp_path / "churn.png", adapter_dir=checkpoint)
     assert png_size(bars_only)[0] == 700 and png_size(with_churn)[0] == 1400  # one panel, then bars + churn
     assert with_churn.stat().st_size > 10_000
+
+
+def test_log_history_is_read_from_the_trainers_state_file_or_its_folder(tmp_path):
+    state = TrainerState(global_step=2, log_history=[{"loss": 1.0, "step": 1}, {"sparse/churn": 0.1, "step": 2}])
+    state.save_to_json(str(tmp_path / "trainer_state.json"))
+    assert load_log_history(tmp_path) == load_log_history(tmp_path / "trainer_state.json") == state.log_history
+    with pytest.raises(ValueError, match="log_history must be a list, a trainer_state.json file or a folder"):
+        load_log_history(tmp_path / "missing")
 
 
 def test_plot_needs_something_to_draw(tmp_path):
