@@ -1,4 +1,4 @@
-"""Command line: ``python -m peft_sparse inspect ADAPTER_DIR [--base-model PATH] [--plot out.png]``."""
+"""Command line: ``python -m peft_sparse inspect ADAPTER_DIR [--base-model PATH_OR_HUB_ID] [--plot out.png]``."""
 
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("adapter_dir", help="folder with adapter_config.json and adapter_model.safetensors")
     inspect.add_argument(
         "--base-model",
-        help="local folder of the base model's safetensors: gives the weight shapes, hence density (SFT, LIFT)",
+        metavar="PATH_OR_HUB_ID",
+        help="the base model's local folder or Hub id: its safetensors headers give the weight shapes, hence "
+        "density (SFT, LIFT)",
     )
     inspect.add_argument("--plot", metavar="PNG", help="also draw the per-layer bars (and logged selection) here")
     inspect.add_argument(

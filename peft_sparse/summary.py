@@ -2,7 +2,7 @@
 
 The base model is not needed. The sparse methods (SFT, LIFT) do not store the base weight's shape,
 so their density needs it: pass ``base_shapes`` (from :func:`base_weight_shapes` of a local base
-model folder, or :func:`model_weight_shapes` of a loaded PeftModel).
+model folder or Hub id, or :func:`model_weight_shapes` of a loaded PeftModel).
 """
 
 from __future__ import annotations
@@ -158,12 +158,28 @@ def find_shape(shapes: dict[str, Shape], name: str) -> Optional[Shape]:
     return matches[0] if len(matches) == 1 else None
 
 
-def base_weight_shapes(base_model_dir: Union[str, Path]) -> dict[str, Shape]:
-    """``{module name: weight shape}`` of every 2-d ``*.weight`` in a local base model's safetensors files.
+def base_weight_shapes(base_model: Union[str, Path]) -> dict[str, Shape]:
+    """``{module name: weight shape}`` of every 2-d ``*.weight`` of a base model's safetensors files.
 
-    Reads only the files' headers (no tensor data).
+    ``base_model`` is a local folder or, when no such folder exists, a Hub model id. Reads only the
+    files' headers (no tensor data); from the Hub through ``huggingface_hub.get_safetensors_metadata``.
     """
-    base_model_dir = Path(base_model_dir)
+    if Path(base_model).is_dir():
+        return _local_weight_shapes(Path(base_model))
+    from huggingface_hub import get_safetensors_metadata
+
+    try:
+        metadata = get_safetensors_metadata(str(base_model))
+    except Exception as error:  # offline, unknown repo, no safetensors, bad id: all end the same way for the user
+        raise ValueError(
+            f"base_model must be a local folder or a Hub model id with *.safetensors weights, got '{base_model}' "
+            f"({type(error).__name__}: {error})"
+        ) from error
+    tensors = [(name, info.shape) for file in metadata.files_metadata.values() for name, info in file.tensors.items()]
+    return _matrix_shapes(tensors)
+
+
+def _local_weight_shapes(base_model_dir: Path) -> dict[str, Shape]:
     index = base_model_dir / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -171,14 +187,20 @@ def base_weight_shapes(base_model_dir: Union[str, Path]) -> dict[str, Shape]:
         files = [path.name for path in sorted(base_model_dir.glob("*.safetensors"))]
     if not files:
         raise ValueError(f"base_model must be a local folder with *.safetensors weights, got '{base_model_dir}'")
-    shapes = {}
+    tensors = []
     for file_name in files:
         with safe_open(str(base_model_dir / file_name), framework="pt") as handle:
-            for key in handle.keys():
-                shape = handle.get_slice(key).get_shape()
-                if key.endswith(".weight") and len(shape) == 2:
-                    shapes[key.removesuffix(".weight")] = (shape[0], shape[1])
-    return shapes
+            tensors += [(key, handle.get_slice(key).get_shape()) for key in handle.keys()]
+    return _matrix_shapes(tensors)
+
+
+def _matrix_shapes(tensors: list[tuple[str, list[int]]]) -> dict[str, Shape]:
+    """``{module name: shape}`` of the 2-d ``*.weight`` among ``(tensor name, shape)`` pairs."""
+    return {
+        name.removesuffix(".weight"): (shape[0], shape[1])
+        for name, shape in tensors
+        if name.endswith(".weight") and len(shape) == 2
+    }
 
 
 def model_weight_shapes(model: nn.Module) -> dict[str, Shape]:

@@ -6,9 +6,13 @@ import struct
 import sys
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
+from huggingface_hub.errors import OfflineModeIsEnabled
+from huggingface_hub.utils import SafetensorsFileMetadata, SafetensorsRepoMetadata, TensorInfo
 from peft import get_peft_model
+from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import TrainerState
 
@@ -77,6 +81,40 @@ def test_inspect_snell_adapter_shows_kept_entries(capsys, saved):
     lines = run_inspect(capsys, saved["snell"])
     assert "budget: rank 4, kernel 'distance_diff', sparsity 0.75" in lines
     assert row(lines, UP_PROJ) == [UP_PROJ, "64x32", "4", f"{2 * (32 + 64) * 2}", "512", "25%"]
+
+
+def hub_metadata_of(folder: Path) -> SafetensorsRepoMetadata:
+    """What ``get_safetensors_metadata`` returns for a Hub repo holding ``folder``'s model.safetensors."""
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
+        tensors = {key: TensorInfo("F32", handle.get_slice(key).get_shape(), (0, 0)) for key in handle.keys()}
+    files = {"model.safetensors": SafetensorsFileMetadata(metadata={}, tensors=tensors)}
+    return SafetensorsRepoMetadata(None, False, dict.fromkeys(tensors, "model.safetensors"), files)
+
+
+def test_inspect_reads_the_base_models_shapes_from_a_hub_id(capsys, saved, monkeypatch):
+    asked = []
+
+    def metadata(repo_id):
+        asked.append(repo_id)
+        return hub_metadata_of(saved["base"])
+
+    monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", metadata)
+    from_hub = run_inspect(capsys, saved["sft"], "--base-model", "someone/tiny-llama")
+    assert asked == ["someone/tiny-llama"]
+    assert from_hub == run_inspect(capsys, saved["sft"], "--base-model", saved["base"])
+    assert "density: 9.99%" in from_hub
+
+
+def test_inspect_with_an_unreachable_hub_id_exits_2_with_message(capsys, saved, monkeypatch):
+    def offline(repo_id):
+        raise OfflineModeIsEnabled("Cannot reach https://huggingface.co: offline mode is enabled.")
+
+    monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", offline)
+    assert main(["inspect", str(saved["sft"]), "--base-model", "someone/tiny-llama"]) == 2
+    assert capsys.readouterr().err == (
+        "error: base_model must be a local folder or a Hub model id with *.safetensors weights, got "
+        "'someone/tiny-llama' (OfflineModeIsEnabled: Cannot reach https://huggingface.co: offline mode is enabled.)\n"
+    )
 
 
 def test_inspect_bad_folder_exits_2_with_message(capsys, tmp_path):
