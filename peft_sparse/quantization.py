@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from peft.utils.integrations import dequantize_bnb_weight, get_bnb_param_type
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 def quantization_of(layer: nn.Module) -> Optional[str]:
@@ -65,7 +66,8 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     quantized weight); for a dense layer it may share memory with the weight.
     """
     if quantization_of(layer) is None:
-        return layer.weight.detach().float()
+        weight = layer.weight.detach()
+        return (weight.full_tensor() if isinstance(weight, DTensor) else weight).float()  # FSDP2: gathered
     # Linear8bitLt keeps its row scales in `state`; Linear4bit keeps them on the weight
     weight = dequantize_bnb_weight(layer.weight, state=getattr(layer, "state", None))
     return weight.float().view(weight_matrix_shape(layer))

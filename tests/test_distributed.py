@@ -7,16 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from peft import get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file
-from torch.distributed.fsdp import fully_shard
-from transformers import TrainerControl, TrainerState
 
 from tests.conftest import make_tiny_llama
 from tests.tiny_runs import METHODS, train
-from tests.test_trainer import training_args
-from trl_callbacks import SparseUpdateCallback
 
 WORKER = Path(__file__).with_name("tiny_runs.py")
 
@@ -71,24 +66,15 @@ def test_accumulated_gradient_selection_matches_one_process_with_the_global_batc
         assert torch.equal(distributed[key], single[key]), key
 
 
-@pytest.fixture
-def single_process_group(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
-@pytest.mark.parametrize("method", ["sparse-ag", "lift"])
-def test_fsdp_is_refused_for_sparse_delta_adapters(tmp_path, single_process_group, method):
-    """FSDP re-gathers the frozen weight on every forward, losing the merged delta: refused, not silently wrong."""
-    model = get_peft_model(make_tiny_llama(), METHODS[method][0]())
-    fully_shard(model)
-    with pytest.raises(ValueError, match="do not support FSDP: their delta is merged into the frozen weight"):
-        SparseUpdateCallback().on_train_begin(training_args(tmp_path), TrainerState(), TrainerControl(), model=model)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="accelerate offers FSDP on GPUs only")
-def test_trainer_with_fsdp_refuses_sparse_delta_adapters(tmp_path):
-    result = launch(1, str(tmp_path), "--fsdp", "sparse-ag")
-    assert result.returncode != 0
-    assert "do not support FSDP: their delta is merged into the frozen weight" in result.stdout + result.stderr
+def test_trainer_with_fsdp2_ends_with_the_adapter_of_one_process(tmp_path):
+    """``TrainingArguments(fsdp=..., fsdp_config={"fsdp_version": 2})``: 2 gloo processes, sharded weights."""
+    result = launch(2, str(tmp_path), "--fsdp", "sparse-ag")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    sharded = load_file(tmp_path / "sparse-ag" / "checkpoint-4" / "adapter_model.safetensors")
+    single = get_peft_model_state_dict(train("sparse-ag", str(tmp_path / "single"), per_device_train_batch_size=4))
+    assert sharded.keys() == single.keys()
+    for key, tensor in single.items():
+        if key.endswith("_indices"):
+            assert torch.equal(sharded[key], tensor), key
+        else:
+            torch.testing.assert_close(sharded[key], tensor, rtol=0, atol=1e-6, msg=key)

@@ -5,7 +5,7 @@ As a script it is one rank of the multi-process test:
 (a key of ``METHODS``) under the Trainer's DDP (gloo on CPU), writes this rank's adapter tensors to
 ``OUT_DIR/<METHOD>-rank<r>.safetensors``, then resumes the run from its step-3 checkpoint and writes
 ``OUT_DIR/<METHOD>-resumed-rank<r>.safetensors``. With ``--fsdp METHOD`` it trains METHOD under the
-Trainer's FSDP instead (GPU only).
+Trainer's FSDP2 instead.
 """
 
 from __future__ import annotations
@@ -23,25 +23,28 @@ from transformers import Trainer  # noqa: E402
 from peft_sparse import LiftConfig, SnellConfig, SoraConfig, SparseConfig  # noqa: E402
 from tests.conftest import make_tiny_llama  # noqa: E402
 from tests.test_trainer import repeating_sequences, training_args  # noqa: E402
-from trl_callbacks import SnellAllocationCallback, SoraCallback, SparseUpdateCallback  # noqa: E402
+from trl_callbacks import (  # noqa: E402
+    SnellAllocationCallback, SoraCallback, SparseUpdateCallback, sora_optimizer_cls_and_kwargs,
+)  # fmt: skip
 
 TARGETS = ["q_proj", "down_proj"]  # 4 matrices: enough to test, fast
 
 # (config, callback class). `train` runs 4 optimizer steps and saves a checkpoint after step 3. SFT:
 # statistics windows over steps 1-2 and 3-4 (2 micro-batches each), so the checkpoint holds a
-# half-filled window; LIFT refreshes its mask at steps 2 and 4; SoRA's threshold moves every step;
+# half-filled window; LIFT refreshes its mask at steps 2 and 4; SoRA's threshold moves every step, with
+# its gates in their own optimizer group (gate_lr 0.2, on the linear schedule as the rest);
 # SNELLA re-allocates at steps 2 and 4 from its importance EMAs.
 METHODS = {
     "sparse-ag": (lambda: SparseConfig(target_modules=TARGETS, density=0.1, selection="ag", reselection_steps=2, selection_accumulation_steps=2, reselection_rate_schedule="constant"), SparseUpdateCallback),
     "sparse-ma": (lambda: SparseConfig(target_modules=TARGETS, density=0.1, selection="ma", reselection_steps=2, selection_accumulation_steps=2, reselection_rate_schedule="constant"), SparseUpdateCallback),
     "lift": (lambda: LiftConfig(target_modules=TARGETS, density=0.1, rank=4, mask_update_interval=2), SparseUpdateCallback),
-    "sora": (lambda: SoraConfig(target_modules=TARGETS, r=4, xi_schedule="linear", xi_start=0.01, xi_end=0.5), SoraCallback),
+    "sora": (lambda: SoraConfig(target_modules=TARGETS, r=4, gate_lr=0.2, xi_schedule="linear", xi_start=0.01, xi_end=0.5), SoraCallback),
     "snella": (lambda: SnellConfig(target_modules=TARGETS, r=4, allocation="snella", sparsity=0.2, target_sparsity=0.8, allocation_interval=2), SnellAllocationCallback),
 }  # fmt: skip
 
 
-def train(method: str, out_dir: str, per_device_train_batch_size: int = 2, resume_from=None, **overrides):
-    """4 optimizer steps of 2 micro-batches each, checkpoint at step 3; returns the trained PeftModel."""
+def tiny_trainer(method: str, out_dir: str, per_device_train_batch_size: int = 2, **overrides) -> Trainer:
+    """A Trainer for 4 optimizer steps of 2 micro-batches each, checkpoint at step 3 (SoRA: its gate group)."""
     make_config, callback = METHODS[method]
     model = get_peft_model(make_tiny_llama(), make_config())
     args = training_args(
@@ -49,20 +52,27 @@ def train(method: str, out_dir: str, per_device_train_batch_size: int = 2, resum
         gradient_accumulation_steps=2, learning_rate=5e-2, save_strategy="steps", save_steps=3,
         ddp_broadcast_buffers=False, **overrides,  # no DDP re-sync of the indices buffers: ranks must agree alone
     )  # fmt: skip
-    trainer = Trainer(model=model, args=args, train_dataset=repeating_sequences(32), callbacks=[callback()])
+    optimizer = sora_optimizer_cls_and_kwargs(args) if method == "sora" else None
+    return Trainer(model=model, args=args, train_dataset=repeating_sequences(32), callbacks=[callback()],
+                   optimizer_cls_and_kwargs=optimizer)  # fmt: skip
+
+
+def train(method: str, out_dir: str, per_device_train_batch_size: int = 2, resume_from=None, **overrides):
+    """Trains ``tiny_trainer``'s run; returns the trained PeftModel."""
+    trainer = tiny_trainer(method, out_dir, per_device_train_batch_size, **overrides)
     trainer.train(resume_from_checkpoint=resume_from)
-    return model
+    return trainer.model
 
 
 def save_adapter(model: torch.nn.Module, path: str) -> None:
     save_file({name: tensor.contiguous() for name, tensor in get_peft_model_state_dict(model).items()}, path)
 
 
-FSDP_ARGS = {"use_cpu": False, "fsdp": True, "fsdp_config": {"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}  # fmt: skip
+FSDP_ARGS = {"use_cpu": True, "fsdp": True, "fsdp_config": {"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}  # fmt: skip
 
 
 def main(out_dir: str, methods: list[str]) -> None:
-    if methods[0] == "--fsdp":  # GPU only: accelerate has no FSDP on CPU
+    if methods[0] == "--fsdp":  # the Trainer's FSDP2 (through accelerate), gloo on CPU
         train(methods[1], os.path.join(out_dir, methods[1]), **FSDP_ARGS)
         return
     rank = int(os.environ["RANK"])  # set by torchrun; the Trainer initializes the process group

@@ -35,6 +35,7 @@ from transformers.pytorch_utils import Conv1D
 from triton_kernels import scatter_assign, sparse_delta_matmul
 
 from ..quantization import delta_dtype, dequantized_weight, quantization_of, weight_matrix_shape
+from .distributed import assign_full_, full_tensor, is_sharding_managed
 from .gradient import MergedSparseDeltaLinear, SparseDeltaBinding, observe_weight_gradient
 from .indices import check_index_set, csr_pattern, output_major_pattern
 from .write_guard import GraphHolds, optimizer_steps
@@ -172,7 +173,7 @@ class SparseDeltaLayer(BaseTunerLayer):
         """The dense delta of one adapter, shaped like the base weight (fp32 on a quantized base)."""
         weight = self.get_base_layer().weight
         delta = torch.zeros(self.num_entries, dtype=torch.float32, device=weight.device)
-        delta[self.delta_indices[adapter_name].long()] = self.delta_values[adapter_name].detach().float()
+        delta[self.delta_indices[adapter_name].long()] = full_tensor(self.delta_values[adapter_name].detach()).float()
         return delta.view(self.weight_shape).to(delta_dtype(self.get_base_layer()))
 
     @torch.no_grad()
@@ -193,14 +194,18 @@ class SparseDeltaLayer(BaseTunerLayer):
         for written in reversed(self._written.values()):
             weight[written.indices.long()] = written.base_values.float()
         indices = self.delta_indices[adapter_name].long()
-        weight[indices] += self.delta_values[adapter_name].detach().float()
+        weight[indices] += full_tensor(self.delta_values[adapter_name].detach()).float()
         return weight.view(self.weight_shape)
 
     # --- what is written into the weight ------------------------------------------------------
 
+    def weight_is_sharded(self) -> bool:
+        """Whether FSDP or DeepSpeed ZeRO-3 shards the base weight: gathered anew for every forward, it cannot hold a delta."""
+        return is_sharding_managed(self.get_base_layer())
+
     def may_write(self) -> bool:
-        """Whether a forward may change what the weight holds: in-place layer, and no graph holds the weight."""
-        return self.writes_in_place and self.weight_holds.count == 0
+        """Whether a forward may change what the weight holds: in-place layer, unsharded, no graph holds the weight."""
+        return self.writes_in_place and self.weight_holds.count == 0 and not self.weight_is_sharded()
 
     def _is_fresh(self, adapter_name: str) -> bool:
         # host-side counters only: no GPU synchronisation per forward (see write_guard)
@@ -249,7 +254,7 @@ class SparseDeltaLayer(BaseTunerLayer):
 
     def _export_pristine_weight(self) -> torch.Tensor:
         """``W0`` for a state dict: the weight itself after taking the deltas out, if that is safe, else a copy."""
-        if self._written and not (self.writes_in_place and self.weight_holds.count == 0):
+        if self._written and not self.may_write():
             return self.pristine_weight()
         self._sync_written([])  # k writes; the next forward writes the deltas back
         exported = self.get_base_layer().weight.detach()
@@ -334,6 +339,11 @@ class SparseDeltaLayer(BaseTunerLayer):
         wanted = self._wanted_adapters()
         if self.may_write():
             self._sync_written(wanted)
+        elif self._written and self.weight_is_sharded():
+            raise ValueError(
+                "this layer's weight was sharded (FSDP / DeepSpeed ZeRO-3) while it held a written delta, so the "
+                "shards hold it too: shard the model before its first forward, or unmerge first"
+            )
         fresh = {name for name in self._written if self._is_fresh(name)}
         in_weight = [name for name in wanted if name in fresh]
         result = self._base_output(x, in_weight, *args, **kwargs)
@@ -414,6 +424,7 @@ class SparseDeltaLayer(BaseTunerLayer):
         Returns ``source_positions`` [k]: for each new slot, its old slot, or -1 if grown.
         """
         values, indices = self.delta_values[adapter_name], self.delta_indices[adapter_name]
+        current_values = full_tensor(values)  # under FSDP: gathered, the same on every rank
         if drop_positions.numel() != grown_indices.numel():
             raise ValueError(
                 f"must drop as many slots as it grows, got {drop_positions.numel()} and {grown_indices.numel()}"
@@ -428,8 +439,8 @@ class SparseDeltaLayer(BaseTunerLayer):
         order = torch.argsort(merged_indices)
         new_indices, source_positions = merged_indices[order], merged_sources[order]
         check_index_set(new_indices, self.num_entries, where=f"adapter '{adapter_name}'")
-        new_values = torch.where(source_positions >= 0, values[source_positions.clamp(min=0)], 0.0)
-        values.copy_(new_values)
+        new_values = torch.where(source_positions >= 0, current_values[source_positions.clamp(min=0)], 0.0)
+        assign_full_(values, new_values)
         indices.copy_(new_indices)
         return source_positions
 
@@ -437,8 +448,8 @@ class SparseDeltaLayer(BaseTunerLayer):
 def _report_pristine_base_weight(module: SparseDeltaLayer, state_dict: dict, prefix: str, local_metadata) -> None:
     """State-dict post-hook: the base weight is reported as ``W0``, never with a written delta."""
     key = prefix + module.base_weight_key()
-    # a layer that never writes its weight (quantized, tied, exact mode) leaves the entry as it is
-    if key in state_dict and (module.writes_in_place or module._written):
+    # a layer that never writes its weight (quantized, tied, sharded, exact mode) leaves the entry as it is
+    if key in state_dict and (module.writes_in_place or module._written) and not module.weight_is_sharded():
         state_dict[key] = module._export_pristine_weight()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .distributed import assign_full_, full_tensor
 from .quantized_optimizer_state import blockwise_quantized_states, remap_blockwise_quantized
 
 
@@ -39,4 +40,5 @@ def remap_optimizer_state(
         if name in quantized or name in scales or not torch.is_tensor(value):
             continue
         if value.shape[-1:] == parameter.shape:
-            value.copy_(torch.where(kept, value[..., gather_from], torch.zeros_like(value)))
+            whole = full_tensor(value)  # FSDP2: moments are sharded like the parameter
+            assign_full_(value, torch.where(kept, whole[..., gather_from], torch.zeros_like(whole)))

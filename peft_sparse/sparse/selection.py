@@ -21,7 +21,7 @@ import torch
 
 from triton_kernels import sampled_dense_dense_matmul, topk_candidates
 
-from .distributed import all_reduce_sum_, world_size
+from .distributed import all_reduce_sum_, gather_token_factors, world_size
 from .indices import csr_pattern, index_dtype_for
 
 
@@ -147,7 +147,9 @@ class MomentumApproximationGrowth:
         self.observed = False
 
     def observe(self, left: torch.Tensor, right: torch.Tensor) -> None:
-        row_sums, col_sums = squared_product_sums(left, right)
+        # squares of the global batch's gradient, not the mean of each rank's squares: every rank
+        # gathers the token factors (activation-sized), so it scores what one process would
+        row_sums, col_sums = squared_product_sums(*gather_token_factors(left, right))
         self.row_statistics += row_sums
         self.col_statistics += col_sums
         self.observed = True

@@ -9,7 +9,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..loading import AllOrNothingTuner
-from .distributed import all_reduce_mean_
+from .distributed import all_reduce_mean_, full_tensor
 from ..quantization import quantization_of, weight_matrix_shape
 from .indices import check_index_set, layer_seed
 from .layer import SUPPORTED_BASE_LAYERS, SparseDeltaLayer, SparseDeltaLinear
@@ -183,7 +183,7 @@ class SparseDeltaTuner(AllOrNothingTuner):
         if statistics is None or count == 0:
             return None
         grown = statistics.grow(count)
-        return smallest_magnitude_positions(values, grown.numel()), grown
+        return smallest_magnitude_positions(full_tensor(values), grown.numel()), grown
 
     def reselect(
         self, adapter_name: str, reselection_rate: float, optimizer: Optional[torch.optim.Optimizer] = None

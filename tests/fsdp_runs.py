@@ -1,0 +1,81 @@
+"""Training loops of every method sharded with FSDP2 ``fully_shard``, shared by the FSDP tests.
+
+As a script it is one rank of the FSDP test:
+``torchrun --standalone --nproc_per_node 2 tests/fsdp_runs.py OUT_DIR METHOD...`` shards a tiny Llama
+(each decoder layer, then the root), trains each METHOD (a key of ``METHODS``) for ``STEPS`` steps on
+this rank's half of a fixed global batch, with the selection steps of the method's config, and on
+rank 0 saves the adapter to ``OUT_DIR/<METHOD>`` (gathered, a normal single-process adapter).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from peft import get_peft_model  # noqa: E402
+from torch.distributed.fsdp import fully_shard  # noqa: E402
+
+from peft_sparse import LiftConfig, SnellConfig, SoraConfig, SparseConfig  # noqa: E402
+from peft_sparse.sparse.distributed import full_tensor  # noqa: E402
+from tests.conftest import VOCAB_SIZE, make_tiny_llama  # noqa: E402
+
+STEPS = 4
+GLOBAL_BATCH = 4
+TARGETS = ["q_proj", "down_proj"]
+# SFT opens its statistics window after step 2 and selects at step 4; LIFT refreshes at steps 2 and 4
+METHODS = {
+    "sparse-ag": lambda **kwargs: SparseConfig(target_modules=TARGETS, density=0.1, selection="ag", reselection_steps=4, selection_accumulation_steps=2, **kwargs),
+    "sparse-ma": lambda **kwargs: SparseConfig(target_modules=TARGETS, density=0.1, selection="ma", reselection_steps=4, selection_accumulation_steps=2, **kwargs),
+    "lift": lambda **kwargs: LiftConfig(target_modules=TARGETS, density=0.1, rank=4, mask_update_interval=2, **kwargs),
+    "sora": lambda **kwargs: SoraConfig(target_modules=TARGETS, r=4, **kwargs),
+    "snell": lambda **kwargs: SnellConfig(target_modules=TARGETS, r=4, sparsity=0.5, init_weights=False, **kwargs),
+}  # fmt: skip
+
+
+def global_batch() -> torch.Tensor:
+    return torch.randint(0, VOCAB_SIZE, (GLOBAL_BATCH, 12), generator=torch.Generator().manual_seed(0))
+
+
+def train(method: str, model: torch.nn.Module, input_ids: torch.Tensor) -> None:
+    """``STEPS`` AdamW steps on ``input_ids``, with the selection steps the method's config asks for."""
+    config = model.peft_config["default"]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    tuner = model.base_model
+    for step in range(1, STEPS + 1):
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if method.startswith("sparse") and step == STEPS - config.selection_accumulation_steps:
+            tuner.open_selection_window("default")
+        if method.startswith("sparse") and step == STEPS:
+            tuner.reselect("default", config.initial_reselection_rate, optimizer)
+        if method == "lift" and step % config.mask_update_interval == 0:
+            tuner.reselect("default", 1.0, optimizer)
+
+
+def shard(model: torch.nn.Module) -> None:
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def main(out_dir: str, methods: list[str]) -> None:
+    dist.init_process_group("gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    rows = global_batch().chunk(world_size)[rank]
+    for method in methods:
+        model = get_peft_model(make_tiny_llama(), METHODS[method]())
+        shard(model)
+        train(method, model, rows)
+        state = {key: full_tensor(tensor) for key, tensor in model.state_dict().items()}  # collective: every rank
+        if rank == 0:
+            model.save_pretrained(os.path.join(out_dir, method), state_dict=state)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
