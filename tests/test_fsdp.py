@@ -94,3 +94,20 @@ def test_sharding_a_model_whose_weights_hold_deltas_is_refused(single_process_gr
     fully_shard(model)
     with pytest.raises(ValueError, match=r"sharded \(FSDP / DeepSpeed ZeRO-3\) while it held a written delta"):
         model(input_ids=input_ids)
+
+
+def test_a_deepspeed_zero3_partitioned_weight_takes_the_additive_path(input_ids):
+    """ZeRO-3 marks partitioned parameters with ``ds_id``; a stand-in here (DeepSpeed does not run on this CPU)."""
+    model = get_peft_model(make_tiny_llama(), METHODS["sparse-ag"](init_weights=False))
+    with torch.no_grad():
+        expected = model(input_ids=input_ids).logits
+    model = get_peft_model(make_tiny_llama(), METHODS["sparse-ag"](init_weights=False))
+    layers = [module for module in model.modules() if isinstance(module, SparseDeltaLayer)]
+    pristine = [layer.get_base_layer().weight.detach().clone() for layer in layers]
+    for number, layer in enumerate(layers):
+        layer.get_base_layer().weight.ds_id = number
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=input_ids).logits, expected, rtol=0, atol=1e-5)
+    for layer, weight in zip(layers, pristine):
+        assert layer.weight_is_sharded() and not layer._written
+        assert torch.equal(layer.get_base_layer().weight, weight)
