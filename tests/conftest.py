@@ -76,6 +76,16 @@ def randomize_values(model: nn.Module, seed: int = 1, scale: float = 0.1) -> Non
                     parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
 
 
+def assert_same_adapter(actual: dict, expected: dict, atol: float = 1e-6) -> None:
+    """Adapter state dicts with the same keys, identical indices and values within ``atol``."""
+    assert actual.keys() == expected.keys()
+    for key, tensor in expected.items():
+        if key.endswith("_indices"):
+            assert torch.equal(actual[key], tensor), key
+        else:
+            torch.testing.assert_close(actual[key], tensor, rtol=0, atol=atol, msg=key)
+
+
 # One factory per sparse-delta method, for tests that every such method must pass.
 SPARSE_DELTA_CONFIGS = {
     "sparse": lambda **kwargs: SparseConfig(density=0.1, **kwargs),

@@ -10,7 +10,7 @@ import torch
 from peft import get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file
 
-from tests.conftest import make_tiny_llama
+from tests.conftest import assert_same_adapter, make_tiny_llama
 from tests.tiny_runs import METHODS, train
 
 WORKER = Path(__file__).with_name("tiny_runs.py")
@@ -72,9 +72,4 @@ def test_trainer_with_fsdp2_ends_with_the_adapter_of_one_process(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     sharded = load_file(tmp_path / "sparse-ag" / "checkpoint-4" / "adapter_model.safetensors")
     single = get_peft_model_state_dict(train("sparse-ag", str(tmp_path / "single"), per_device_train_batch_size=4))
-    assert sharded.keys() == single.keys()
-    for key, tensor in single.items():
-        if key.endswith("_indices"):
-            assert torch.equal(sharded[key], tensor), key
-        else:
-            torch.testing.assert_close(sharded[key], tensor, rtol=0, atol=1e-6, msg=key)
+    assert_same_adapter(sharded, single)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from torch.distributed.fsdp import fully_shard
 
 from peft_sparse.sparse import SparseDeltaLayer
-from tests.conftest import make_tiny_llama
+from tests.conftest import assert_same_adapter, make_tiny_llama
 from tests.fsdp_runs import METHODS, global_batch, train
 
 WORKER = Path(__file__).with_name("fsdp_runs.py")
@@ -41,12 +41,7 @@ def one_process_run(method: str):
 def test_sharded_training_ends_with_the_adapter_of_one_process_with_the_global_batch(sharded_adapters, method):
     expected = get_peft_model_state_dict(one_process_run(method))
     sharded = load_file(sharded_adapters / method / "adapter_model.safetensors")
-    assert sharded.keys() == expected.keys()
-    for key, tensor in expected.items():
-        if key.endswith("_indices"):
-            assert torch.equal(sharded[key], tensor), key
-        else:
-            torch.testing.assert_close(sharded[key], tensor, rtol=0, atol=1e-6, msg=key)
+    assert_same_adapter(sharded, expected)
     if method.startswith("sparse") or method == "lift":
         initial = get_peft_model_state_dict(get_peft_model(make_tiny_llama(), METHODS[method]()))
         changed = [key for key in initial if key.endswith("_indices") and not torch.equal(initial[key], sharded[key])]
