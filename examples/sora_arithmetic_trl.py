@@ -21,7 +21,7 @@ from arithmetic_task import (
     add_run_arguments, arithmetic_problems, conversational_dataset, evaluate, load_and_score, schedule_arguments,
 )  # fmt: skip
 from peft_sparse import SoraConfig, export_sora_to_lora
-from trl_callbacks import SoraCallback
+from trl_callbacks import SoraCallback, sora_optimizer_cls_and_kwargs
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     training_args = SFTConfig(**schedule_arguments(args))
     train_set = conversational_dataset(arithmetic_problems(args.steps * args.batch_size, seed=args.seed))
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_set, processing_class=tokenizer,
+                         optimizer_cls_and_kwargs=sora_optimizer_cls_and_kwargs(training_args),  # gate_lr
                          callbacks=[SoraCallback(log_layer_ranks=False)])
     started = time.perf_counter()
     trainer.train()

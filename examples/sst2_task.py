@@ -21,6 +21,9 @@ from transformers import (
     TrainingArguments,
 )
 
+from peft_sparse import SoraModel
+from trl_callbacks import sora_optimizer_cls_and_kwargs
+
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "train.tsv"
 
 
@@ -84,7 +87,8 @@ def train_classifier(
     batch_size: int = 32,
     max_length: int = 64,
 ) -> Trainer:
-    """One epoch of the Trainer on ``rows`` (linear decay after 8 warm-up steps, weight decay 0.01)."""
+    """One epoch of the Trainer on ``rows`` (linear decay after 8 warm-up steps, weight decay 0.01; a SoRA model's
+    gates in their own optimizer group, as ``SoraCallback`` needs)."""
     with tempfile.TemporaryDirectory() as output_dir:
         args = TrainingArguments(
             output_dir=output_dir, num_train_epochs=1, per_device_train_batch_size=batch_size,
@@ -93,9 +97,11 @@ def train_classifier(
             # short SST-2 phrases: 54k padded tokens over the first 4000 rows instead of 161k in random batches
             train_sampling_strategy="group_by_length",
         )
+        is_sora = any(isinstance(module, SoraModel) for module in model.modules())
         trainer = Trainer(
             model=model, args=args, train_dataset=encode(tokenizer, rows, max_length),
             data_collator=DataCollatorWithPadding(tokenizer), callbacks=list(callbacks),
+            optimizer_cls_and_kwargs=sora_optimizer_cls_and_kwargs(args) if is_sora else None,
         )
         trainer.train()
     return trainer

@@ -2,13 +2,13 @@
 
 import pytest
 from peft import get_peft_model
-from transformers import Trainer, TrainerCallback
+from transformers import PrinterCallback, Trainer, TrainerCallback
 from transformers.integrations import integration_utils
 
 from peft_sparse import SnellConfig, SoraConfig, SparseConfig
 from tests.conftest import make_tiny_llama
 from tests.test_trainer import repeating_sequences, training_args
-from trl_callbacks import SnellAllocationCallback, SoraCallback, SparseUpdateCallback
+from trl_callbacks import SnellAllocationCallback, SoraCallback, SparseUpdateCallback, log_before_reporting
 
 TARGETS = ["q_proj", "down_proj"]
 LAYERS = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj",
@@ -39,12 +39,14 @@ def report_to_fake(monkeypatch):
     monkeypatch.setitem(integration_utils.INTEGRATION_TO_CALLBACK, "fake", FakeReporter)
 
 
-def trained(tmp_path, method, callbacks, add_after_init=()) -> Trainer:
+def trained(tmp_path, method, callbacks, add_after_init=(), place=True) -> Trainer:
     args = training_args(tmp_path, max_steps=2, per_device_train_batch_size=2, logging_steps=1, report_to=["fake"])
     model = get_peft_model(make_tiny_llama(), METHODS[method][0]())
     trainer = Trainer(model=model, args=args, train_dataset=repeating_sequences(8), callbacks=list(callbacks))
     for callback in add_after_init:
         trainer.add_callback(callback)
+    if place:
+        log_before_reporting(trainer)
     trainer.train()
     return trainer
 
@@ -70,9 +72,49 @@ def test_reporting_integration_receives_the_callbacks_metrics(tmp_path, report_t
 
 
 def test_callbacks_move_ahead_of_reporters_and_keep_their_order(tmp_path, report_to_fake):
-    first, second = SparseUpdateCallback(), SparseUpdateCallback(log_layer_metrics=False)
-    trainer = trained(tmp_path, "sparse", [first], add_after_init=[second])  # added after init: moved at train begin
+    first, second = SparseUpdateCallback(), SparseUpdateCallback(log_layer_metrics=True)
+    trainer = trained(tmp_path, "sparse", [first], add_after_init=[second])
     order = trainer.callback_handler.callbacks
     position = {id(callback): index for index, callback in enumerate(order)}
     assert position[id(first)] < position[id(second)] < position[id(reporter_of(trainer))]
+    assert position[id(second)] < position[id(trainer.pop_callback(PrinterCallback))]  # the console sees them too
     assert all("sparse/churn" in logs for logs in reporter_of(trainer).received[:2])
+
+
+def test_unplaced_callback_warns_and_still_logs_to_the_history(tmp_path, report_to_fake):
+    with pytest.warns(UserWarning, match=r"SparseUpdateCallback: its keys reach trainer.state.log_history and the "
+                      r"console but not the report_to integrations \['fake'\].*log_before_reporting\(trainer\)"):
+        trainer = trained(tmp_path, "sparse", [SparseUpdateCallback()], place=False)
+    assert all("sparse/churn" not in logs for logs in reporter_of(trainer).received)
+    assert all("sparse/churn" in entry for entry in trainer.state.log_history)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_per_layer_keys_are_off_by_default(tmp_path, report_to_fake, method):
+    _, callback_cls, _, totals, layer_prefixes = METHODS[method]
+    trainer = trained(tmp_path, method, [callback_cls()])
+    for entry in trainer.state.log_history:
+        assert all(key in entry for key in totals)
+        assert not [key for key in entry if key.startswith(tuple(layer_prefixes))]
+
+
+def test_density_and_churn_since_the_last_log_at_every_logging_step(tmp_path):
+    model = get_peft_model(make_tiny_llama(), METHODS["sparse"][0]())  # a selection step after every optimizer step
+    churn_of_step = {}
+    reselect = model.base_model.reselect
+
+    def recording_reselect(adapter_name, rate, optimizer):
+        statistics = reselect(adapter_name, rate, optimizer)
+        churn_of_step[len(churn_of_step) + 1] = statistics["churn"]
+        return statistics
+
+    model.base_model.reselect = recording_reselect
+    args = training_args(tmp_path, max_steps=6, per_device_train_batch_size=2, logging_steps=2)
+    trainer = Trainer(model=model, args=args, train_dataset=repeating_sequences(16), callbacks=[SparseUpdateCallback()])
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in logs] == [2, 4, 6] and len(churn_of_step) == 6
+    assert all(churn_of_step[step] > 0 for step in range(1, 6))  # the linear schedule reaches 0 at step 6
+    for entry in logs:
+        assert entry["sparse/churn"] == pytest.approx(churn_of_step[entry["step"] - 1] + churn_of_step[entry["step"]])
+        assert entry["sparse/density"] == pytest.approx((2 * 102 + 2 * 205) / (2 * 1024 + 2 * 2048))

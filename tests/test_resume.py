@@ -10,7 +10,7 @@ import pytest
 import torch
 from peft import get_peft_model_state_dict
 
-from tests.tiny_runs import METHODS, train
+from tests.tiny_runs import METHODS, tiny_trainer, train
 from trl_callbacks import SparseUpdateCallback
 
 
@@ -57,3 +57,21 @@ def test_checkpoint_outside_output_dir_needs_resume_from_checkpoint_in_args(tmp_
     message = "set TrainingArguments\\(resume_from_checkpoint=<the checkpoint folder>\\)"
     with pytest.raises(FileNotFoundError, match=message):
         train("sparse-ag", str(tmp_path / "other"), resume_from=str(moved))
+
+
+def test_sora_gate_group_and_its_schedule_are_saved_and_resumed_exactly(tmp_path):
+    straight = tiny_trainer("sora", str(tmp_path))
+    straight.train()
+    checkpoint = tmp_path / "checkpoint-3"
+    saved_schedule = torch.load(checkpoint / "scheduler.pt", weights_only=False)
+    saved_groups = torch.load(checkpoint / "optimizer.pt", weights_only=False)["param_groups"]
+    assert saved_schedule["base_lrs"] == [5e-2, 0.2] and saved_schedule["last_epoch"] == 3
+    assert [group["weight_decay"] for group in saved_groups] == [0.0, 0.0]
+    resumed = tiny_trainer("sora", str(tmp_path / "resumed"), resume_from_checkpoint=str(checkpoint))
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.lr_scheduler.state_dict() == straight.lr_scheduler.state_dict()
+    expected, actual = straight.optimizer.state_dict(), resumed.optimizer.state_dict()
+    assert actual["param_groups"] == expected["param_groups"]
+    for index, state in expected["state"].items():
+        for key, value in state.items():
+            assert torch.equal(actual["state"][index][key], value), (index, key)

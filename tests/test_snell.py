@@ -344,7 +344,8 @@ def test_snella_budgets_follow_the_schedule_inside_the_trainer(tmp_path):
         output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=2, learning_rate=1e-2,
         logging_steps=2, report_to=[], save_strategy="no", use_cpu=True,
     )  # fmt: skip
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[SnellAllocationCallback()])
+    callbacks = [SnellAllocationCallback(log_layer_sparsity=True)]
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=callbacks)
     trainer.train()
     sizes = [layer.num_entries for _, layer in model.base_model.snell_layers("default")]
     initial = sum(size - round(0.2 * size) for size in sizes)

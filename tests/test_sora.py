@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import get_peft_model
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from peft_sparse import SoraConfig
@@ -15,7 +15,7 @@ from peft_sparse.tuners.sora.proximal import scheduled_xi, soft_threshold_
 from tests.conftest import make_mlp, make_tiny_gpt2, make_tiny_llama
 from tests.test_trainer import repeating_sequences, training_args
 from tests.test_trl import alphabet_runs, character_tokenizer
-from trl_callbacks import SoraCallback, isolate_param_group
+from trl_callbacks import SoraCallback, create_sora_optimizer, sora_optimizer_cls_and_kwargs
 
 
 def randomize_sora(model: nn.Module, adapter_name: str = "default", seed: int = 1) -> None:
@@ -187,12 +187,14 @@ def test_l1_gradient_is_sign_over_gate_count():
 # --- the callback in the Trainer -----------------------------------------------------------------
 
 
-def test_callback_isolates_gates_follows_schedule_and_logs_live_rank(tmp_path):
+def test_factory_gives_gates_their_own_lr_on_the_schedule_and_logs_live_rank(tmp_path):
     config = SoraConfig(r=4, gate_lr=5e-2, xi_schedule="linear", xi_start=0.0, xi_end=0.8)
     model = get_peft_model(make_tiny_llama(), config)
     args = training_args(tmp_path, max_steps=12, logging_steps=4, learning_rate=1e-2, weight_decay=0.1,
                          lr_scheduler_type="linear")
-    trainer = Trainer(model=model, args=args, train_dataset=repeating_sequences(), callbacks=[SoraCallback()])
+    trainer = Trainer(model=model, args=args, train_dataset=repeating_sequences(),
+                      optimizer_cls_and_kwargs=sora_optimizer_cls_and_kwargs(args),
+                      callbacks=[SoraCallback(log_layer_ranks=True)])  # fmt: skip
     trainer.train()
 
     gate_ids = {id(gate) for gate in model.base_model.gates()}
@@ -217,20 +219,37 @@ def test_callback_isolates_gates_follows_schedule_and_logs_live_rank(tmp_path):
     assert final["sora/live_rank_fraction"] == pytest.approx(sum(ranks.values()) / (4 * len(ranks)))
 
 
-def test_large_threshold_zeroes_every_gate_and_training_continues(tmp_path):
-    config = SoraConfig(r=4, gate_init="randn", xi_start=10.0, scale_xi_by_lr=False, modules_to_save=["lm_head"])
-    model = get_peft_model(make_tiny_llama(), config)
-    args = training_args(tmp_path, max_steps=10, logging_steps=2, learning_rate=5e-2)
-    trainer = Trainer(model=model, args=args, train_dataset=repeating_sequences(), callbacks=[SoraCallback()])
+class GateStepRecorder(TrainerCallback):
+    """Keeps, for every optimizer step, the gates and their (clipped) gradients before it and the gates after it."""
+
+    def __init__(self, gates):
+        self.gates, self.steps = gates, []
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.steps.append([(gate.detach().clone(), gate.grad.clone()) for gate in self.gates])
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        before_step = self.steps[-1]
+        self.steps[-1] = [(*pair, gate.detach().clone()) for pair, gate in zip(before_step, self.gates)]
+
+
+def test_gates_step_with_gate_lr_and_the_rest_with_lr(tmp_path):
+    model = get_peft_model(make_tiny_llama(), SoraConfig(r=4, gate_lr=0.5, xi_start=0.0, init_weights=False))
+    optimizer = create_sora_optimizer(model, torch.optim.SGD, lr=1e-3)
+    recorder = GateStepRecorder(model.base_model.gates())
+    args = training_args(tmp_path, max_steps=3, lr_scheduler_type="constant")
+    trainer = Trainer(model=model, args=args, train_dataset=repeating_sequences(), optimizers=(optimizer, None),
+                      callbacks=[SoraCallback(), recorder])  # fmt: skip
     trainer.train()
-    assert all(torch.count_nonzero(gate) == 0 for gate in model.base_model.gates())
-    live = [entry["sora/live_rank"] for entry in trainer.state.log_history if "loss" in entry]
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    assert live == [0] * 5
-    assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]  # the head still learns
+    assert [group["lr"] for group in optimizer.param_groups] == [1e-3, 0.5]  # no bias or norm is trainable
+    assert len(recorder.steps) == 3
+    for step in recorder.steps:
+        for before, grad, after in step:
+            assert torch.count_nonzero(grad) > 0
+            torch.testing.assert_close(after, before - 0.5 * grad, rtol=0, atol=1e-7)
 
 
-def test_user_built_gate_group_is_kept(tmp_path):
+def test_an_optimizer_built_with_a_gate_group_is_used_as_it_is(tmp_path):
     model = get_peft_model(make_tiny_llama(), SoraConfig(r=4, xi_start=0.1))
     gates = model.base_model.gates()
     gate_ids = {id(gate) for gate in gates}
@@ -244,18 +263,23 @@ def test_user_built_gate_group_is_kept(tmp_path):
     assert trainer.state.log_history[-1]["sora/threshold"] == pytest.approx(3e-2 * 0.1)
 
 
-def test_isolating_a_group_needs_a_lambda_schedule():
-    first, second = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
-    optimizer = torch.optim.AdamW([first, second], lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (step + 1))
-    scheduler.step()
-    group = isolate_param_group(optimizer, scheduler, [second], lr=1.0)
-    assert [len(g["params"]) for g in optimizer.param_groups] == [1, 1] and group["lr"] == 0.5
-    scheduler.step()
-    assert group["lr"] == pytest.approx(1 / 3) and optimizer.param_groups[0]["lr"] == pytest.approx(0.1 / 3)
-    step_schedule = torch.optim.lr_scheduler.StepLR(torch.optim.AdamW([first, second], lr=0.1), step_size=2)
-    with pytest.raises(ValueError, match="lr_scheduler must be a LambdaLR .* got StepLR"):
-        isolate_param_group(step_schedule.optimizer, step_schedule, [first], lr=1.0)
+@pytest.mark.parametrize(
+    "gate_lr, weight_decay, found",
+    [
+        (5e-2, 0.0, "weight_decay 0 and lr 0.05 \\(SoraConfig.gate_lr\\), got lr 0.1 and weight_decay 0"),
+        (None, 0.01, "weight_decay 0, got lr 0.1 and weight_decay 0.01"),
+    ],
+)
+def test_gates_in_the_trainers_default_groups_are_refused(tmp_path, gate_lr, weight_decay, found):
+    model = get_peft_model(make_tiny_llama(), SoraConfig(r=4, gate_lr=gate_lr))
+    args = training_args(tmp_path, max_steps=2, weight_decay=weight_decay)
+    trainer = Trainer(model=model, args=args, train_dataset=repeating_sequences(), callbacks=[SoraCallback()])
+    message = (
+        f"SoraCallback: the gates of adapter 'default' must be in one param group with {found}; build the optimizer "
+        "with trl_callbacks.create_sora_optimizer"
+    )
+    with pytest.raises(ValueError, match=message):
+        trainer.train()
 
 
 def test_sft_trainer_wraps_and_trains_sora(tmp_path):
@@ -266,13 +290,13 @@ def test_sft_trainer_wraps_and_trains_sora(tmp_path):
     trainer = SFTTrainer(
         model=make_tiny_llama(), args=args, train_dataset=alphabet_runs(), processing_class=character_tokenizer(),
         peft_config=SoraConfig(r=4, gate_lr=0.1, xi_schedule="linear", xi_end=0.5),
-        callbacks=[SoraCallback(log_layer_ranks=False)],
+        optimizer_cls_and_kwargs=sora_optimizer_cls_and_kwargs(args), callbacks=[SoraCallback()],
     )
     trainer.train()
     tuner = trainer.model.base_model
-    gate_group = trainer.optimizer.param_groups[-1]
-    assert {id(p) for p in gate_group["params"]} == {id(g) for g in tuner.gates()}
-    assert gate_group["weight_decay"] == 0.0 and gate_group["initial_lr"] == 0.1
+    gates = trainer.optimizer.param_groups[-1]
+    assert {id(p) for p in gates["params"]} == {id(g) for g in tuner.gates()}
+    assert gates["weight_decay"] == 0.0 and gates["initial_lr"] == 0.1
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert losses[-1] < losses[0]
     assert trainer.state.log_history[-1]["sora/live_rank"] == sum(tuner.live_ranks().values())

@@ -51,7 +51,7 @@ def test_trainer_loss_falls_and_indices_change(tmp_path, selection):
         for name, layer in model.base_model.sparse_delta_layers()
     )
     assert changed > 0
-    churn = [entry["sparse/churn"] for entry in trainer.state.log_history if "sparse/churn" in entry]
+    churn = [entry["sparse/churn"] for entry in trainer.state.log_history if "loss" in entry and entry["step"] % 8 == 0]
     # selections at steps 8, 16, 24, 32, 40; the linear schedule decays to 0 at the last step
     assert len(churn) == 5 and all(0 < value <= 0.2 for value in churn[:-1]) and churn[-1] == 0
     assert churn == sorted(churn, reverse=True)

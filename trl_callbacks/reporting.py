@@ -1,81 +1,76 @@
 """Metrics from our callbacks into the Trainer's logs, where TensorBoard, W&B and other integrations see them.
 
-The Trainer hands one ``logs`` dict to every callback's ``on_log`` in list order, and its list puts
-the reporting integrations (``report_to``) ahead of the callbacks a user passes: keys those add in
-``on_log`` reach ``trainer.state.log_history`` but never TensorBoard or W&B. A ``LoggingCallback``
-therefore moves itself ahead of every other callback that implements ``on_log``, at ``on_init_end``
-and again at ``on_train_begin`` (for callbacks added with ``trainer.add_callback``). Callbacks get no
-reference to the Trainer's callback handler, so it is found on the call stack (it is the caller).
+The Trainer hands one ``logs`` dict to the ``on_log`` of every callback in the order of
+``trainer.callback_handler.callbacks``: the reporting integrations (``report_to``) come first, then the
+callbacks given to the Trainer, then the console printer / progress bar. A key that a callback adds
+in ``on_log`` therefore reaches ``trainer.state.log_history`` and the console, but reaches an
+integration only when the callback runs before it. The return value of ``on_log`` cannot carry
+keys (it replaces ``control``), and no event hands a callback the Trainer or its handler, so a
+callback cannot move itself without reaching into the caller's frames. The order is the Trainer's:
+``log_before_reporting(trainer)`` sets it once, after the Trainer is built, with the Trainer's own
+``pop_callback`` / ``add_callback``. A ``LoggingCallback`` that it did not place warns at train begin
+when ``report_to`` names integrations.
 """
 
 from __future__ import annotations
 
-import sys
+import warnings
 from typing import Optional
 
 from torch import nn
-from transformers import TrainerCallback
-from transformers.trainer_callback import CallbackHandler
+from transformers import Trainer, TrainerCallback
 
 
-def _calling_handler(callback: TrainerCallback) -> Optional[CallbackHandler]:
-    frame = sys._getframe(1)
-    while frame is not None:
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, CallbackHandler) and any(other is callback for other in owner.callbacks):
-            return owner
-        frame = frame.f_back
-    return None
+def _reads_logs(callback: TrainerCallback) -> bool:
+    return type(callback).on_log is not TrainerCallback.on_log and not isinstance(callback, LoggingCallback)
 
 
-def _implements_on_log(callback: TrainerCallback) -> bool:
-    return type(callback).on_log is not TrainerCallback.on_log
+def log_before_reporting(trainer: Trainer) -> Trainer:
+    """Move every callback that reads the logs (``report_to`` integrations, printer, progress bar) behind the
+    last ``LoggingCallback`` of ``trainer``, each kind in its order; returns ``trainer``.
 
+    Call it after building the Trainer, and again after ``trainer.add_callback`` of a ``LoggingCallback``.
 
-def move_ahead_of_loggers(callback: TrainerCallback) -> None:
-    """Move ``callback`` (called from inside one of its events) before the first other callback
-    with an ``on_log``, unless that one is a ``LoggingCallback`` too (their relative order is kept).
-
-    Safe while the handler iterates its list: the moved callback goes to an earlier position, so the
-    callbacks after it keep theirs.
+    Example:
+        >>> trainer = log_before_reporting(Trainer(model=model, args=args, train_dataset=ds,
+        ...                                        callbacks=[SparseUpdateCallback()]))  # doctest: +SKIP
     """
-    handler = _calling_handler(callback)
-    if handler is None:  # called outside a Trainer
-        return
-    callbacks = handler.callbacks
-    position = next(index for index, other in enumerate(callbacks) if other is callback)
-    first_logger = next(
-        (
-            index
-            for index, other in enumerate(callbacks[:position])
-            if _implements_on_log(other) and not isinstance(other, LoggingCallback)
-        ),
-        None,
-    )
-    if first_logger is not None:
-        callbacks.insert(first_logger, callbacks.pop(position))
+    callbacks = trainer.callback_handler.callbacks
+    loggers = [callback for callback in callbacks if isinstance(callback, LoggingCallback)]
+    if not loggers:
+        return trainer
+    last_logger = callbacks.index(loggers[-1])
+    for reader in [callback for callback in callbacks[:last_logger] if _reads_logs(callback)]:
+        trainer.add_callback(trainer.pop_callback(reader))
+    for logger in loggers:
+        logger.placed_before_reporting = True
+    return trainer
 
 
 class LoggingCallback(TrainerCallback):
-    """Base class: ``metrics(model)`` goes into every Trainer log, ahead of the reporting integrations.
+    """Base class: ``metrics(model)`` goes into every Trainer log (and the integrations: ``log_before_reporting``).
 
     Example:
         >>> class StepCounter(LoggingCallback):
         ...     def metrics(self, model):
         ...         return {"demo/answer": 42}
-        >>> trainer = Trainer(model=model, args=args, callbacks=[StepCounter()])  # doctest: +SKIP
+        >>> trainer = log_before_reporting(Trainer(model=model, args=args, callbacks=[StepCounter()]))  # doctest: +SKIP
     """
+
+    placed_before_reporting: bool = False
 
     def metrics(self, model: Optional[nn.Module]) -> dict[str, float]:
         """Values to add to the current log (keys like ``method/name`` or ``method/name/<layer>``)."""
         return {}
 
-    def on_init_end(self, args, state, control, **kwargs):
-        move_ahead_of_loggers(self)
-        return super().on_init_end(args, state, control, **kwargs)
-
     def on_train_begin(self, args, state, control, **kwargs):
-        move_ahead_of_loggers(self)
+        if args.report_to and not self.placed_before_reporting:
+            warnings.warn(
+                f"{type(self).__name__}: its keys reach trainer.state.log_history and the console but not the "
+                f"report_to integrations {args.report_to}, which read the logs before it; call "
+                "trl_callbacks.log_before_reporting(trainer) after building the Trainer",
+                stacklevel=2,
+            )
         return super().on_train_begin(args, state, control, **kwargs)
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):

@@ -11,6 +11,7 @@ from peft_sparse.tuners.snell import SnellConfig, SnellModel
 from peft_sparse.tuners.snell.model import snell_tuners
 
 from .checkpoint_state import CheckpointStateCallback
+from .model_check import check_model_has_method
 from .reporting import LoggingCallback
 
 
@@ -25,9 +26,10 @@ def snella_adapters(model: nn.Module) -> Iterator[tuple[SnellModel, str, SnellCo
 class SnellAllocationCallback(LoggingCallback, CheckpointStateCallback):
     """Runs SNELLA inside the Trainer (and TRL's SFTTrainer); all budget math lives in ``SnellModel``.
 
+    - At train begin: checks that the model has an adapter with ``allocation="snella"``.
     - Before each optimizer step (gradients present, after clipping): updates the importance EMAs.
     - After every ``allocation_interval``-th optimizer step: re-splits the scheduled budget.
-    - Logs (ahead of TensorBoard / W&B) the current ``snella/budget`` (kept entries, summed over
+    - Logs the current ``snella/budget`` (kept entries, summed over
       layers), ``snella/mean_sparsity`` (over all entries) and, with ``log_layer_sparsity``,
       ``snella/sparsity/<layer>`` (``snella/<adapter>/...`` for adapters other than "default").
     - Saves the importance EMAs with every checkpoint (``snella_state.safetensors``), so a resumed
@@ -40,11 +42,15 @@ class SnellAllocationCallback(LoggingCallback, CheckpointStateCallback):
 
     state_file_name = "snella_state.safetensors"
 
-    def __init__(self, log_layer_sparsity: bool = True) -> None:
+    def __init__(self, log_layer_sparsity: bool = False) -> None:
         self.log_layer_sparsity = log_layer_sparsity
 
     def constructor_args(self) -> dict:
         return {"log_layer_sparsity": self.log_layer_sparsity}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        check_model_has_method(self, model, any(snella_adapters(model)), 'SnellConfig(allocation="snella")')
+        return super().on_train_begin(args, state, control, model=model, **kwargs)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         for tuner, adapter_name, _ in snella_adapters(model):

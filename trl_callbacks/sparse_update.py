@@ -7,10 +7,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from peft_sparse.sparse.distributed import is_fsdp_managed
 from peft_sparse.sparse.tuner import SparseDeltaTuner
 
 from .checkpoint_state import CheckpointStateCallback
+from .model_check import check_model_has_method
 from .reporting import LoggingCallback
 from .schedules import reselection_rate
 
@@ -27,11 +27,13 @@ class SparseUpdateCallback(LoggingCallback, CheckpointStateCallback):
     every ``reselection_steps``-th optimizer step, then drops/grows entries and remaps the optimizer state.
     For LIFT adapters with ``mask_update_interval`` it recomputes the principal-weight mask at those steps.
 
-    After each selection step the next Trainer log (and so TensorBoard / W&B) gets ``sparse/density``
-    and ``sparse/churn`` (fraction of entries replaced) and, with ``log_layer_metrics``,
+    Every Trainer log gets ``sparse/density`` (trainable entries over all entries of the adapted
+    matrices) and ``sparse/churn``: the fraction of entries the selection steps since the previous
+    log replaced (summed over those steps; 0 when none ran). With ``log_layer_metrics`` it also gets
     ``sparse/density/<layer>`` and ``sparse/churn/<layer>`` (``sparse/<adapter>/...`` for adapters
     other than "default"). Under DDP every rank selects the same entries; a statistics window open at
-    a checkpoint is saved with it (``sparse_update_state.safetensors``) and resumed exactly.
+    a checkpoint is saved with it (``sparse_update_state.safetensors``) and resumed exactly, and so is
+    the churn not logged yet.
 
     Example:
         >>> trainer = Trainer(model=peft_model, args=args, train_dataset=ds,
@@ -40,18 +42,23 @@ class SparseUpdateCallback(LoggingCallback, CheckpointStateCallback):
 
     state_file_name = "sparse_update_state.safetensors"
 
-    def __init__(self, log_layer_metrics: bool = True) -> None:
+    def __init__(self, log_layer_metrics: bool = False) -> None:
         self.log_layer_metrics = log_layer_metrics
-        self._pending_logs: dict[str, float] = {}
+        self._churn_since_log: dict[str, float] = {}
 
     def constructor_args(self) -> dict:
         return {"log_layer_metrics": self.log_layer_metrics}
 
-    def _dynamic_adapters(self, model: nn.Module):
+    def _active_adapters(self, model: nn.Module):
         for tuner in sparse_delta_tuners(model):
             for adapter_name, config in tuner.peft_config.items():
-                if getattr(config, "updates_indices", False) and adapter_name in tuner.active_adapters:
+                if adapter_name in tuner.active_adapters:
                     yield tuner, adapter_name, config
+
+    def _dynamic_adapters(self, model: nn.Module):
+        for tuner, adapter_name, config in self._active_adapters(model):
+            if getattr(config, "updates_indices", False):
+                yield tuner, adapter_name, config
 
     def _maybe_open_window(self, tuner, adapter_name, config, step: int, max_steps: int) -> None:
         if config.selection_accumulation_steps == 0:  # selection from the weights alone (LIFT refresh)
@@ -62,11 +69,7 @@ class SparseUpdateCallback(LoggingCallback, CheckpointStateCallback):
                 tuner.open_selection_window(adapter_name)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if is_fsdp_managed(model):
-            raise ValueError(
-                "sparse-delta adapters (SparseConfig, LiftConfig) do not support FSDP: their delta is merged "
-                "into the frozen weight, which FSDP shards and re-gathers; train them with DDP instead"
-            )
+        check_model_has_method(self, model, any(self._active_adapters(model)), "SparseConfig and LiftConfig")
         super().on_train_begin(args, state, control, model=model, **kwargs)  # resumes saved windows
         for tuner, adapter_name, config in self._dynamic_adapters(model):
             self._maybe_open_window(tuner, adapter_name, config, state.global_step, state.max_steps)
@@ -90,12 +93,25 @@ class SparseUpdateCallback(LoggingCallback, CheckpointStateCallback):
     def _queue_logs(self, adapter_name: str, statistics: dict[str, float]) -> None:
         prefix = "sparse" if adapter_name == "default" else f"sparse/{adapter_name}"
         for key, value in statistics.items():
-            if self.log_layer_metrics or "/" not in key:  # per-layer keys are "<name>/<layer>"
-                self._pending_logs[f"{prefix}/{key}"] = value
+            if key == "churn" or (self.log_layer_metrics and key.startswith("churn/")):  # per layer: churn/<layer>
+                name = f"{prefix}/{key}"
+                self._churn_since_log[name] = self._churn_since_log.get(name, 0.0) + value
 
     def metrics(self, model):
-        pending, self._pending_logs = self._pending_logs, {}
-        return pending
+        values = {}
+        for tuner, adapter_name, _ in self._active_adapters(model):
+            prefix = "sparse" if adapter_name == "default" else f"sparse/{adapter_name}"
+            layers = {name: layer for name, layer in tuner.sparse_delta_layers() if adapter_name in layer.delta_values}
+            kept = {name: layer.delta_values[adapter_name].numel() for name, layer in layers.items()}
+            entries = {name: layer.num_entries for name, layer in layers.items()}
+            values[f"{prefix}/density"] = sum(kept.values()) / max(sum(entries.values()), 1)
+            values[f"{prefix}/churn"] = self._churn_since_log.get(f"{prefix}/churn", 0.0)
+            if self.log_layer_metrics:
+                for name in layers:
+                    values[f"{prefix}/density/{name}"] = kept[name] / entries[name]
+                    values[f"{prefix}/churn/{name}"] = self._churn_since_log.get(f"{prefix}/churn/{name}", 0.0)
+        self._churn_since_log = {}
+        return values
 
     def checkpoint_state(self, model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
         open_windows, tensors = [], {}
@@ -105,10 +121,10 @@ class SparseUpdateCallback(LoggingCallback, CheckpointStateCallback):
                 open_windows.append(adapter_name)
                 state = tuner.selection_state(adapter_name)
                 tensors.update({f"{adapter_name}/{key}": tensor for key, tensor in state.items()})
-        return {"open_windows": open_windows, "pending_logs": self._pending_logs}, tensors
+        return {"open_windows": open_windows, "churn_since_log": self._churn_since_log}, tensors
 
     def restore_checkpoint_state(self, model: nn.Module, attributes: dict, tensors: dict[str, torch.Tensor]) -> None:
-        self._pending_logs = dict(attributes["pending_logs"])
+        self._churn_since_log = dict(attributes.get("churn_since_log", {}))  # absent from older checkpoints
         for tuner, adapter_name, _ in self._dynamic_adapters(model):
             if adapter_name in attributes["open_windows"]:
                 prefix = f"{adapter_name}/"
