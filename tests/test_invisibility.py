@@ -246,3 +246,35 @@ def test_a_bf16_forward_sees_rounded_weights_in_place_and_an_fp32_term_in_exact_
     fp32_term = (inputs.float() @ delta.T).to(torch.bfloat16)
     assert torch.equal(exact_output, nn.functional.linear(inputs, pristine, base.bias) + fp32_term)
     assert torch.equal(exact.get_base_layer().weight, pristine)
+
+
+@SPARSE_METHODS
+def test_after_an_optimizer_step_the_frozen_parameters_are_the_base_weights(method, input_ids):
+    model = sparse_model(method)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(2):
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    pristine = dict(make_tiny_llama().named_parameters())
+    for name, parameter in model.base_model.model.named_parameters():
+        if not parameter.requires_grad:
+            assert torch.equal(parameter, pristine[name.replace("base_layer.", "")]), name
+
+
+@SPARSE_METHODS
+def test_merging_only_another_adapter_takes_the_written_delta_out(method, input_ids):
+    model = get_peft_model(make_tiny_llama(), SPARSE_DELTA_CONFIGS[method](target_modules=["q_proj", "v_proj"], init_weights=False))
+    model.add_adapter("other", SPARSE_DELTA_CONFIGS[method](target_modules=["q_proj"], init_weights=False, init_seed=7))
+    logits_of(model, input_ids)  # writes "default" into q_proj and v_proj
+    model.set_adapter("other")
+    expected = logits_of(model, input_ids)
+    merged = model.merge_and_unload(adapter_names=["other"])
+    torch.testing.assert_close(logits_of(merged, input_ids), expected, rtol=0, atol=1e-6)
+
+
+def test_adding_a_lift_adapter_leaves_no_progress_bar_open():
+    model = get_peft_model(make_tiny_llama(), SPARSE_DELTA_CONFIGS["lift"]())
+    model.add_adapter("other", SPARSE_DELTA_CONFIGS["lift"](init_seed=3))
+    assert model.base_model._selection_progress is None
+    copy.deepcopy(model)  # an open tqdm bar holds the console stream, which cannot be copied

@@ -38,7 +38,7 @@ from ..quantization import delta_dtype, dequantized_weight, quantization_of, wei
 from .distributed import assign_full_, full_tensor, is_sharding_managed
 from .gradient import MergedSparseDeltaLinear, SparseDeltaBinding, observe_weight_gradient
 from .indices import check_index_set, csr_pattern, output_major_pattern
-from .write_guard import GraphHolds, optimizer_steps
+from .write_guard import GraphHolds, on_optimizer_step, optimizer_steps
 
 SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
 # init_weights=False: values start at N(0, INIT_VALUES_STD^2), seeded per layer (for tests, as peft's methods do)
@@ -215,6 +215,7 @@ class SparseDeltaLayer(BaseTunerLayer):
 
     @torch.no_grad()
     def _write(self, adapter_name: str) -> None:
+        _LAYERS_WITH_WRITTEN_DELTAS.add(self)
         self._detach_exported_weights()
         weight = self.get_base_layer().weight
         values, indices = self.delta_values[adapter_name], self.delta_indices[adapter_name]
@@ -396,8 +397,7 @@ class SparseDeltaLayer(BaseTunerLayer):
         """Return the base layer, with the deltas merged in (``merge``) or with ``W0`` restored."""
         if merge:
             self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-        else:
-            self._sync_written([])
+        self._sync_written(self.merged_adapters if merge else [])  # also for a layer that holds none of them
         return self.get_base_layer()
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -443,6 +443,25 @@ class SparseDeltaLayer(BaseTunerLayer):
         assign_full_(values, new_values)
         indices.copy_(new_indices)
         return source_positions
+
+
+# layers whose weight may hold a written delta; after an optimizer step their deltas are stale anyway
+_LAYERS_WITH_WRITTEN_DELTAS: "weakref.WeakSet[SparseDeltaLayer]" = weakref.WeakSet()
+
+
+def _take_out_stale_deltas() -> None:
+    """After an optimizer step: restore ``W0`` in every layer that may write (the next forward writes afresh).
+
+    The written deltas are stale after a step, so this costs nothing extra (the rewrite would take
+    them out anyway), and between a step and the next forward (checkpoints, evaluation hooks,
+    ``named_parameters()``) the frozen weights are exactly ``W0``. Merged adapters stay written.
+    """
+    for layer in list(_LAYERS_WITH_WRITTEN_DELTAS):
+        if layer.may_write():
+            layer._sync_written([name for name in layer.merged_adapters if name in layer._written])
+
+
+on_optimizer_step(_take_out_stale_deltas)
 
 
 def _report_pristine_base_weight(module: SparseDeltaLayer, state_dict: dict, prefix: str, local_metadata) -> None:

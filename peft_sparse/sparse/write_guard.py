@@ -13,14 +13,24 @@ Both answers come from host-side counters, so a forward never synchronises with 
 
 from __future__ import annotations
 
+from typing import Callable
+
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 _optimizer_steps = 0
+_step_listeners: list[Callable[[], None]] = []
 
 
 def _count_optimizer_step(optimizer, args, kwargs) -> None:
     global _optimizer_steps
     _optimizer_steps += 1
+    for listener in _step_listeners:
+        listener()
+
+
+def on_optimizer_step(listener: Callable[[], None]) -> None:
+    """Call ``listener()`` after every optimizer step in this process."""
+    _step_listeners.append(listener)
 
 
 register_optimizer_step_post_hook(_count_optimizer_step)

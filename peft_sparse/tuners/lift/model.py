@@ -48,10 +48,13 @@ class LiftModel(SparseDeltaTuner):
         module = self.model.get_submodule(module_name)
         return weight_matrix_shape(module.get_base_layer() if hasattr(module, "get_base_layer") else module)
 
-    def _post_injection_hook(self, model: nn.Module, config: LiftConfig, adapter_name: str) -> None:
-        if self._selection_progress is not None:
-            self._selection_progress.close()
-            self._selection_progress = None
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        finally:  # also for add_adapter, which peft runs without _post_injection_hook
+            if self._selection_progress is not None:
+                self._selection_progress.close()
+                self._selection_progress = None
 
     def _select(self, config: LiftConfig, weight: torch.Tensor, count: int, module_name: str) -> torch.Tensor:
         return principal_weight_indices(
