@@ -7,6 +7,7 @@ problems, and the rise of the loss on held-out GSM8K questions (forgetting). Row
 
     python benchmarks/quality_arithmetic.py --methods lift,sft,lora,full --steps 80 --batch-size 16
     python benchmarks/quality_arithmetic.py --methods lora --lr-multipliers 0.5,2   # learning-rate grid
+    python benchmarks/quality_arithmetic.py --methods sft --dtype bfloat16 --exact-delta   # row "sft-bf16-exact"
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ ARITHMETIC_METHODS = lift_arithmetic_trl.METHODS
 # Learning rates: full FT and LoRA from ../shared/BENCHMARKS.md; SFT as in the SFT demo; LIFT trains
 # a few % of every matrix, between the two.
 DEFAULT_LEARNING_RATES = {"lift": 5e-4, "sft": 1e-3, "lora": 1e-3, "full": 2e-5}
+DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16"}
+
+
+def row_method(method: str, dtype: str, exact_delta: bool) -> str:
+    """The row's method name: ``method`` on an fp32 base with the delta in place, else e.g. "sft-bf16-exact"."""
+    if (dtype, exact_delta) == ("float32", False):
+        return method
+    return f"{method}-{DTYPE_NAMES[dtype]}-{'exact' if exact_delta else 'inplace'}"
 
 
 def run_arithmetic(method: str, settings: dict, args: argparse.Namespace) -> dict:
@@ -35,7 +44,8 @@ def run_arithmetic(method: str, settings: dict, args: argparse.Namespace) -> dic
             "--method", method, "--learning-rate", str(settings["learning_rate"]),
             "--budget-rank", str(settings["r"]), "--steps", str(settings["steps"]),
             "--batch-size", str(settings["batch_size"]), "--eval-problems", str(settings["eval_problems"]),
-            "--output-dir", output_dir, "--seed", str(args.seed),
+            "--output-dir", output_dir, "--seed", str(args.seed), "--dtype", args.dtype,
+            *(["--exact-delta"] if args.exact_delta else []),
         ])  # fmt: skip
         if args.model:
             example_args.model = args.model
@@ -51,19 +61,28 @@ def main() -> None:
     parser.add_argument("--eval-problems", type=int, default=128)
     parser.add_argument("--model", default=None, help="causal LM id or path (default: embedded SmolLM2-135M)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPE_NAMES),
+                        help="dtype of the base model's weights (trainable values stay fp32)")
+    parser.add_argument("--exact-delta", action="store_true",
+                        help="LIFT/SFT: delta_in_place=False, the delta as a separate fp32 sparse term")
     parser.add_argument("--lr-multipliers", type=lambda text: [float(value) for value in text.split(",")],
                         default=[1.0], help="learning-rate grid: multiples of each method's default, e.g. 0.5,1,2")
     args = parser.parse_args()
+    if args.exact_delta and not set(args.methods.split(",")) <= {"lift", "sft"}:
+        parser.error(f"--exact-delta applies to lift and sft only, got --methods {args.methods}")
     rows = []
     for method, multiplier in [(m, x) for m in args.methods.split(",") for x in args.lr_multipliers]:
         settings = {"r": args.r, "learning_rate": DEFAULT_LEARNING_RATES[method] * multiplier, "steps": args.steps,
                     "batch_size": args.batch_size, "eval_problems": args.eval_problems}
+        name = row_method(method, args.dtype, args.exact_delta)
+        if name != method:
+            settings |= {"dtype": args.dtype, "delta_in_place": not args.exact_delta}
         started = time.perf_counter()
-        metrics = run_arithmetic(method, settings, args)
-        point = {"task": "arithmetic", "method": method, "settings": settings, **metrics,
+        metrics = {**run_arithmetic(method, settings, args), "method": name}
+        point = {"task": "arithmetic", "method": name, "settings": settings, **metrics,
                  "wall_seconds": round(time.perf_counter() - started), "environment": environment()}
         print(json.dumps(point), flush=True)
-        merge_results("arithmetic", method, [point], score_key="exact_match")
+        merge_results("arithmetic", name, [point], score_key="exact_match")
         rows.append(point)
     print("| method | lr | trainable | exact match | general-text loss rise | train s |")
     print("|---|---:|---:|---:|---:|---:|")

@@ -30,16 +30,16 @@ def embedded_model_dir() -> Path:
     return Path(spec.origin).parent
 
 
-def load_model_and_tokenizer(model: str | None):
+def load_model_and_tokenizer(model: str | None, dtype: torch.dtype = torch.float32):
     kwargs = {} if model else {"gguf_file": EMBEDDED_GGUF}
     source = model or embedded_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     if "gguf_file" in kwargs:
-        # transformers de-quantizes GGUF weights to fp32 on load but still flags the model as
+        # transformers de-quantizes GGUF weights (to `dtype`) on load but still flags the model as
         # quantized, which makes the Trainer refuse it.
         model.is_quantized, model.hf_quantizer = False, None
     return model, tokenizer
@@ -140,8 +140,10 @@ def add_run_arguments(
     parser: argparse.ArgumentParser, *, steps: int, batch_size: int, learning_rate: float, eval_problems: int,
     output_dir: str,
 ) -> argparse.ArgumentParser:
-    """Add the options every arithmetic example shares (model, schedule, evaluation, output, seed)."""
+    """Add the options every arithmetic example shares (model, dtype, schedule, evaluation, output, seed)."""
     parser.add_argument("--model", default=None, help="causal LM id or path (default: embedded SmolLM2-135M)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="dtype of the base model's weights (sparse values and LoRA factors stay fp32)")
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--batch-size", type=int, default=batch_size)
     parser.add_argument("--learning-rate", type=float, default=learning_rate)
@@ -154,7 +156,7 @@ def add_run_arguments(
 def load_and_score(args: argparse.Namespace):
     """Seed, load ``args.model`` and score it before training: (model, tokenizer, eval problems, scores)."""
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    model, tokenizer = load_model_and_tokenizer(args.model, getattr(torch, args.dtype))
     eval_problems = arithmetic_problems(args.eval_problems, seed=args.seed + 1000)
     return model, tokenizer, eval_problems, evaluate(model, tokenizer, eval_problems)
 

@@ -6,6 +6,7 @@ general text (GSM8K questions; a forgetting measure). Runs offline on the embedd
 
     python examples/lift_arithmetic_trl.py --method lift --steps 80
     python examples/lift_arithmetic_trl.py --method lora --learning-rate 1e-3
+    python examples/lift_arithmetic_trl.py --method sft --learning-rate 1e-3 --dtype bfloat16 --exact-delta
 """
 
 from __future__ import annotations
@@ -37,7 +38,10 @@ def lora_equivalent_count(model: nn.Module, rank: int) -> int:
     )
 
 
-def prepare(method: str, model: nn.Module, budget_rank: int, lift_rank: int, mask_update_interval: int | None):
+def prepare(
+    method: str, model: nn.Module, budget_rank: int, lift_rank: int, mask_update_interval: int | None,
+    delta_in_place: bool = True,
+):
     """(model to train, callbacks) for ``method`` at LoRA rank ``budget_rank``'s budget."""
     if method == "full":
         return model, []
@@ -46,11 +50,11 @@ def prepare(method: str, model: nn.Module, budget_rank: int, lift_rank: int, mas
         return get_peft_model(model, config), []
     if method == "lift":
         config = LiftConfig(lora_rank_budget=budget_rank, rank=lift_rank, mask_update_interval=mask_update_interval,
-                            target_modules="all-linear", task_type="CAUSAL_LM")
+                            delta_in_place=delta_in_place, target_modules="all-linear", task_type="CAUSAL_LM")
         return get_peft_model(model, config), [SparseUpdateCallback()] if mask_update_interval else []
     if method == "sft":
         config = SparseConfig(num_tunable_weights=lora_equivalent_count(model, budget_rank),
-                              target_modules="all-linear", task_type="CAUSAL_LM")
+                              delta_in_place=delta_in_place, target_modules="all-linear", task_type="CAUSAL_LM")
         return get_peft_model(model, config), [SparseUpdateCallback()]
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
@@ -61,7 +65,8 @@ def train_and_evaluate(args: argparse.Namespace) -> dict:
     general_texts = read_general_texts(args.general_text) if args.general_text else []
     general_before = text_loss(model, tokenizer, general_texts) if general_texts else None
 
-    model, callbacks = prepare(args.method, model, args.budget_rank, args.lift_rank, args.mask_update_interval)
+    model, callbacks = prepare(args.method, model, args.budget_rank, args.lift_rank, args.mask_update_interval,
+                               delta_in_place=not args.exact_delta)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     train_set = conversational_dataset(arithmetic_problems(args.steps * args.batch_size, seed=args.seed))
     training_args = SFTConfig(**schedule_arguments(args))
@@ -89,6 +94,9 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget-rank", type=int, default=16, help="LoRA rank whose parameter count all adapters get")
     parser.add_argument("--lift-rank", type=int, default=128, help="rank of LIFT's low-rank approximation")
     parser.add_argument("--mask-update-interval", type=int, default=None, help="LIFT mask refresh (steps)")
+    parser.add_argument("--exact-delta", action="store_true",
+                        help="LIFT/SFT: delta_in_place=False, apply the delta as a separate sparse term summed in fp32 "
+                        "(the forward sees W0 + delta exactly, not round(W0 + delta) on a bf16 base; slower)")
     parser.add_argument("--general-text", default=str(DEFAULT_GENERAL_TEXT) if DEFAULT_GENERAL_TEXT.exists() else None,
                         help="GSM8K-style .jsonl for the forgetting check (default: ../shared/data when present)")
     return parser
