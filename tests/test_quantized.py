@@ -286,6 +286,27 @@ def test_sora_and_snell_train_on_quantized_models(tiny_llama_dir, method, quanti
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.parametrize("method", ["sparse", "lift"])
+def test_sparse_and_lift_train_on_4bit_under_cpu_bf16_autocast(tiny_llama_dir, method):
+    """SFTConfig turns bf16 on by default; the sparse term must survive CPU autocast (torch.sparse.mm has no bf16)."""
+    torch.manual_seed(0)
+    model = get_peft_model(load_quantized(tiny_llama_dir, "nf4"), METHOD_CONFIGS[method]())
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=5e-2)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for step in range(3):  # 2 optimizer steps, then the loss after them
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        losses.append(loss.item())
+        if step < 2:
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[2] < losses[0]
+
+
 # --- save / load / merge --------------------------------------------------------------------------
 
 
