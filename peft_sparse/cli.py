@@ -8,7 +8,7 @@ import sys
 from typing import Optional, Sequence
 
 from . import memory_plan
-from .summary import base_weight_shapes, layer_table, overview, summarize_adapter
+from .summary import base_weight_shapes, configured_density, layer_table, overview, summarize_adapter
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
         help="the base model's local folder or Hub id: its safetensors headers give the weight shapes, hence "
         "density (SFT, LIFT)",
     )
-    inspect.add_argument("--plot", metavar="PNG", help="also draw the per-layer bars (and logged selection) here")
+    inspect.add_argument("--plot", metavar="PNG", help="also draw the per-layer heatmap (and logged selection) here")
     inspect.add_argument(
         "--log-history",
         metavar="PATH",
@@ -63,7 +63,7 @@ def inspect_adapter(args: argparse.Namespace) -> None:
     summary = summarize_adapter(args.adapter_dir, base_shapes=shapes)
     for name, value in overview(summary).items():
         print(f"{name}: {value}")
-    if summary.density is None and summary.method in ("SPARSE", "LIFT"):
+    if summary.density is None and summary.method in ("SPARSE", "LIFT") and configured_density(summary) is None:
         print("(density needs the base weight shapes: pass --base-model PATH)")
     print()
     print(layer_table(summary))

@@ -8,6 +8,7 @@ model folder or Hub id, or :func:`model_weight_shapes` of a loaded PeftModel).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -58,7 +59,7 @@ class LayerSummary:
 
 @dataclass
 class AdapterSummary:
-    """A saved adapter: its config and one :class:`LayerSummary` per adapted matrix (in name order)."""
+    """A saved adapter: its config and one :class:`LayerSummary` per adapted matrix (in the model's order)."""
 
     config: PeftConfig
     layers: list[LayerSummary]
@@ -77,6 +78,11 @@ class AdapterSummary:
         if not self.layers or any(layer.density is None for layer in self.layers):
             return None
         return sum(layer.kept for layer in self.layers) / sum(layer.shape[0] * layer.shape[1] for layer in self.layers)
+
+
+def module_order_key(name: str) -> tuple:
+    """Sort key that puts ``layers.2`` before ``layers.10``: numeric parts compare as numbers."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name))
 
 
 def _sparse_delta_layer(name: str, tensors: dict[str, torch.Tensor], layer_cls: type) -> LayerSummary:
@@ -139,7 +145,7 @@ def summarize_adapter(adapter_dir: Union[str, Path], base_shapes: Optional[dict[
         module, attribute = key.removeprefix(PEFT_KEY_PREFIX).rsplit(".", 1)
         per_layer.setdefault(module, {})[attribute] = tensor
     layers = []
-    for name in sorted(per_layer):
+    for name in sorted(per_layer, key=module_order_key):
         tensors = per_layer[name]
         if LAYER_CLASSES[method].adapter_layer_names[0] not in tensors:
             continue  # modules_to_save and other full modules
@@ -286,6 +292,20 @@ def target_modules_text(config: PeftConfig, limit: int = 8) -> str:
     return f"{len(targets)} modules: " + ", ".join(sorted({name.rsplit('.', 1)[-1] for name in targets}))
 
 
+def configured_density(summary: AdapterSummary) -> Optional[float]:
+    """The per-matrix density an SFT/LIFT adapter config states (None for other budgets and methods)."""
+    if summary.method in ("SPARSE", "LIFT"):
+        return summary.config.density
+    return None
+
+
+def density_text(summary: AdapterSummary) -> str:
+    """Measured density from the base shapes, else the density the adapter config states, else ``?``."""
+    if summary.density is not None or configured_density(summary) is None:
+        return _percent(summary.density)
+    return f"{_percent(configured_density(summary))} of each target matrix (from adapter_config.json)"
+
+
 def overview(summary: AdapterSummary) -> dict[str, str]:
     """The adapter's headline facts (method, budget, trainable values, density, targets, base model, versions)."""
     config = summary.config
@@ -293,7 +313,7 @@ def overview(summary: AdapterSummary) -> dict[str, str]:
         "method": f"{summary.method} (`{type(config).__name__}`)",
         "budget": budget_text(summary),
         "trainable values": f"{summary.trainable:,} in {len(summary.layers)} matrices",
-        "density": _percent(summary.density),
+        "density": density_text(summary),
         "target modules": target_modules_text(config),
         "base model": str(config.base_model_name_or_path or "unknown"),
         "written by": f"peft_sparse {config.peft_sparse_version} (adapter format {config.format_version})",

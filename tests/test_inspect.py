@@ -18,7 +18,7 @@ from transformers import TrainerState
 
 from peft_sparse import LiftConfig, SnellConfig, SoraConfig, SparseConfig
 from peft_sparse.cli import main
-from peft_sparse.summary import AdapterSummary, budget_text
+from peft_sparse.summary import AdapterSummary, budget_text, module_order_key
 from peft_sparse.training_log import load_log_history
 from tests.conftest import make_tiny_llama
 
@@ -63,11 +63,39 @@ def test_inspect_sparse_adapter_with_base_model_gives_density(capsys, saved):
     assert len([line for line in lines if line.startswith("| model.layers.")]) == 4
 
 
-def test_inspect_sparse_adapter_alone_says_what_is_unknown(capsys, saved):
+def test_inspect_sparse_adapter_alone_reads_the_density_from_its_config(capsys, saved):
     lines = run_inspect(capsys, saved["sft"])
+    assert "density: 10% of each target matrix (from adapter_config.json)" in lines
+    assert not any("pass --base-model" in line for line in lines)
+    assert row(lines, UP_PROJ)[1:4] == ["?", "205", "?"]  # per-layer shapes still need the base model
+
+
+def test_inspect_sparse_adapter_with_a_count_budget_alone_says_what_is_unknown(capsys, tmp_path):
+    get_peft_model(make_tiny_llama(), SparseConfig(num_tunable_weights=300, target_modules=TARGETS)).save_pretrained(
+        tmp_path / "count"
+    )
+    lines = run_inspect(capsys, tmp_path / "count")
     assert "density: ?" in lines
     assert "(density needs the base weight shapes: pass --base-model PATH)" in lines
-    assert row(lines, UP_PROJ)[1:4] == ["?", "205", "?"]
+
+
+def test_layers_are_listed_in_the_models_numeric_order():
+    names = ["model.layers.10.mlp.up_proj", "model.layers.2.mlp.up_proj", "model.layers.1.self_attn.q_proj",
+             "model.layers.2.self_attn.q_proj"]
+    assert sorted(names, key=module_order_key) == [
+        "model.layers.1.self_attn.q_proj", "model.layers.2.mlp.up_proj", "model.layers.2.self_attn.q_proj",
+        "model.layers.10.mlp.up_proj",
+    ]  # fmt: skip
+
+
+def test_plot_grid_is_blocks_by_module_types(saved):
+    from peft_sparse.plot import layer_grid
+    from peft_sparse.summary import summarize_adapter
+
+    rows, columns, grid, label = layer_grid(summarize_adapter(saved["sora"]))
+    assert rows == ["model.layers.0", "model.layers.1"]
+    assert columns == ["mlp.up_proj", "self_attn.q_proj"]
+    assert grid == [[1, 1], [1, 1]] and label == "live rank"
 
 
 def test_inspect_sora_adapter_shows_live_rank(capsys, saved):
