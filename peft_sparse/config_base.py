@@ -17,13 +17,25 @@ def check_choice(name: str, value, allowed: tuple) -> None:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
+class ConfigTypeError(TypeError, ValueError):
+    """A config field of the wrong type; also a ``ValueError``, which config errors were before it."""
+
+
+def check_type(name: str, value, types: tuple, wanted: str) -> None:
+    """``ConfigTypeError`` naming the field when ``value`` is not of ``types`` (a bool never counts as a number)."""
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise ConfigTypeError(f"{name} must be {wanted}, got {value!r} (a {type(value).__name__})")
+
+
 def check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    check_type(name, value, (int,), "a positive integer")
+    if value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def check_fraction(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+    check_type(name, value, (int, float), "a number in (0, 1]")
+    if not 0 < value <= 1:
         raise ValueError(f"{name} must be in (0, 1], got {value!r}")
 
 

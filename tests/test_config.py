@@ -25,6 +25,20 @@ def test_bad_value_raises_value_error_naming_the_field(field, value):
         SparseConfig(**{field: value})
 
 
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("density", "0.01", r"density must be a number in \(0, 1\], got '0.01' \(a str\)"),
+        ("density", True, r"density must be a number in \(0, 1\], got True \(a bool\)"),
+        ("num_tunable_weights", 2.5, r"num_tunable_weights must be a positive integer, got 2.5 \(a float\)"),
+        ("reselection_steps", "20", r"reselection_steps must be a positive integer, got '20' \(a str\)"),
+    ],
+)
+def test_value_of_the_wrong_type_raises_type_error_naming_the_field(field, value, message):
+    with pytest.raises(TypeError, match=message):
+        SparseConfig(**{field: value})
+
+
 def test_density_and_budget_are_exclusive():
     with pytest.raises(ValueError, match="either density or num_tunable_weights"):
         SparseConfig(density=0.1, num_tunable_weights=100)
