@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 from peft.utils.integrations import dequantize_bnb_weight, get_bnb_param_type
 from torch import nn
-from torch.distributed.tensor import DTensor
+
+from .sparse.distributed import full_tensor
 
 
 def quantization_of(layer: nn.Module) -> Optional[str]:
@@ -66,8 +67,7 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     quantized weight); for a dense layer it may share memory with the weight.
     """
     if quantization_of(layer) is None:
-        weight = layer.weight.detach()
-        return (weight.full_tensor() if isinstance(weight, DTensor) else weight).float()  # FSDP2: gathered
+        return full_tensor(layer.weight.detach()).float()  # FSDP2: gathered from the shards
     # Linear8bitLt keeps its row scales in `state`; Linear4bit keeps them on the weight
     weight = dequantize_bnb_weight(layer.weight, state=getattr(layer, "state", None))
     return weight.float().view(weight_matrix_shape(layer))

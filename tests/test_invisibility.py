@@ -12,6 +12,7 @@ from transformers.pytorch_utils import Conv1D
 from peft_sparse import SnellConfig, SoraConfig
 from peft_sparse.sparse import SparseDeltaLayer, SparseDeltaLinear
 from tests.conftest import SPARSE_DELTA_CONFIGS, make_tied_llama, make_tiny_gpt2, make_tiny_llama
+from tests.test_save_load import logits_of
 
 SPARSE_METHODS = pytest.mark.parametrize("method", sorted(SPARSE_DELTA_CONFIGS))
 # every method, with a non-zero delta from the start
@@ -21,11 +22,6 @@ ALL_CONFIGS = {
     "snell": lambda: SnellConfig(r=4, sparsity=0.5, init_weights=False),
 }
 ALL_METHODS = pytest.mark.parametrize("method", sorted(ALL_CONFIGS))
-
-
-def logits_of(model, input_ids):
-    with torch.no_grad():
-        return model(input_ids=input_ids).logits
 
 
 def value_gradients(model) -> dict[str, torch.Tensor]:

@@ -36,7 +36,7 @@ from triton_kernels import scatter_assign, sparse_delta_matmul
 
 from ..quantization import delta_dtype, dequantized_weight, quantization_of, weight_matrix_shape
 from .distributed import assign_full_, full_tensor, is_sharding_managed
-from .gradient import MergedSparseDeltaLinear, SparseDeltaBinding, observe_weight_gradient
+from .gradient import GradientObserver, MergedSparseDeltaLinear, SparseDeltaBinding, observe_weight_gradient
 from .indices import check_index_set, csr_pattern, output_major_pattern
 from .write_guard import GraphHolds, on_optimizer_step, optimizer_steps
 
@@ -101,7 +101,7 @@ class SparseDeltaLayer(BaseTunerLayer):
         self._written: dict[str, _WrittenDelta] = {}
         self._patterns: dict[str, _CachedPattern] = {}
         self._exported_weights: list[weakref.ref] = []
-        self.gradient_observers: dict = {}
+        self.gradient_observers: dict[str, GradientObserver] = {}
         self.weight_holds = GraphHolds()
 
         base = self.get_base_layer()
@@ -180,9 +180,13 @@ class SparseDeltaLayer(BaseTunerLayer):
     def pristine_weight(self) -> torch.Tensor:
         """``W0`` as a new tensor shaped and typed like the stored weight (written deltas taken out)."""
         weight = self.get_base_layer().weight.detach().clone()
-        for written in reversed(self._written.values()):  # last-in first-out, as in _sync_written
-            weight.view(-1)[written.indices.long()] = written.base_values.to(weight.device)
+        self._take_written_out_of(weight.view(-1))
         return weight
+
+    def _take_written_out_of(self, flat_weight: torch.Tensor) -> None:
+        """Put ``W0`` back at every written entry of ``flat_weight``, a flat copy of the weight."""
+        for written in reversed(self._written.values()):  # last-in first-out, as in _sync_written
+            flat_weight[written.indices.long()] = written.base_values.to(flat_weight)
 
     @torch.no_grad()
     def effective_weight(self, adapter_name: str) -> torch.Tensor:
@@ -191,8 +195,7 @@ class SparseDeltaLayer(BaseTunerLayer):
         On a quantized base ``W0`` is dequantized for the call (transient: one matrix at a time).
         """
         weight = dequantized_weight(self.get_base_layer()).clone().view(-1)
-        for written in reversed(self._written.values()):
-            weight[written.indices.long()] = written.base_values.float()
+        self._take_written_out_of(weight)
         indices = self.delta_indices[adapter_name].long()
         weight[indices] += full_tensor(self.delta_values[adapter_name].detach()).float()
         return weight.view(self.weight_shape)

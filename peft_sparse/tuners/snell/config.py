@@ -9,7 +9,7 @@ from peft.utils.peft_types import PeftType
 
 from triton_kernels.snell_matmul import KERNELS
 
-from ...config_base import PeftSparseConfig, check_choice, check_positive_int
+from ...config_base import PeftSparseConfig, check_bool, check_choice, check_positive_int
 
 ALLOCATIONS = ("none", "snella")
 
@@ -123,9 +123,7 @@ class SnellConfig(PeftSparseConfig):
         check_positive_float("rbf_gamma", self.rbf_gamma)
         check_sparsity("sparsity", self.sparsity)
         check_sparsity("dropout", self.dropout)
-        for name in ("magnitude_competition", "init_weights"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        check_bool("magnitude_competition", self.magnitude_competition)  # init_weights: PeftSparseConfig
         if self.magnitude_competition and self.init_weights:
             raise ValueError(
                 "magnitude_competition=True needs init_weights=False: it scales gradients by |delta|, which is "
