@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from ..config_base import PeftSparseConfig, check_bool
+
+
+def check_values_per_module(name: str, value) -> None:
+    """``value`` must be None or a dict from module names to positive integers."""
+    if value is None:
+        return
+    if not isinstance(value, dict) or not all(
+        isinstance(key, str) and isinstance(count, int) and not isinstance(count, bool) and count > 0
+        for key, count in value.items()
+    ):
+        raise ValueError(f"{name} must be None or a dict of module name -> positive integer, got {value!r}")
 
 
 @dataclass
@@ -20,6 +32,16 @@ class SparseDeltaConfig(PeftSparseConfig):
         },
     )
 
+    values_per_module: Optional[dict[str, int]] = field(
+        default=None,
+        metadata={
+            "help": "Exact number of trainable entries of each target module (full module name -> count), instead "
+            "of the density / budget fields. Set by add_weighted_adapter: a composed adapter holds the union of its "
+            "sources' indices."
+        },
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         check_bool("delta_in_place", self.delta_in_place)
+        check_values_per_module("values_per_module", self.values_per_module)

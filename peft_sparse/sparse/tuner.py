@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Iterator, Optional
 
 import torch
@@ -9,7 +10,11 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..loading import AllOrNothingTuner
-from .distributed import all_reduce_mean_, full_tensor
+from .combine import (
+    SPARSE_COMBINATION_TYPES, check_same_modules, check_weighted_adapter_arguments, combine_sparse_deltas,
+    seeded_random,
+)  # fmt: skip
+from .distributed import all_reduce_mean_, assign_full_, full_tensor
 from ..quantization import quantization_of, weight_matrix_shape
 from .indices import check_index_set, layer_seed
 from .layer import SUPPORTED_BASE_LAYERS, SparseDeltaLayer, SparseDeltaLinear
@@ -41,6 +46,8 @@ class SparseDeltaTuner(AllOrNothingTuner):
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
         self._budgets: dict[str, dict[str, int]] = {}
         self._window_statistics: dict[str, dict[str, GrowthStatistics]] = {}
+        # add_weighted_adapter: indices of a composed adapter, by adapter and module, consumed by its injection
+        self._prescribed_indices: dict[str, dict[str, torch.Tensor]] = {}
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
     # --- hooks for subclasses ----------------------------------------------------------------
@@ -68,6 +75,17 @@ class SparseDeltaTuner(AllOrNothingTuner):
                 sizes[name] = rows * cols
         return sizes
 
+    def _count_for(self, config, adapter_name: str, module_name: str, num_entries: int) -> int:
+        """Trainable entries of one module: ``values_per_module`` when the config has it, else the method's budget."""
+        if config.values_per_module is None:
+            return self._num_values(config, adapter_name, module_name, num_entries)
+        if module_name not in config.values_per_module:
+            raise ValueError(
+                f"values_per_module has no count for target module '{module_name}'; it names "
+                f"{len(config.values_per_module)} modules, e.g. {sorted(config.values_per_module)[:3]}"
+            )
+        return config.values_per_module[module_name]
+
     def _num_values(self, config, adapter_name: str, module_name: str, num_entries: int) -> int:
         if config.density is not None:
             return max(1, round(config.density * num_entries))
@@ -89,8 +107,11 @@ class SparseDeltaTuner(AllOrNothingTuner):
                 f"torch.nn.Linear and transformers Conv1D. Change target_modules to leave it out."
             )
         rows, cols = weight_matrix_shape(base)
-        count = self._num_values(config, adapter_name, current_key, rows * cols)
-        indices = self._initial_indices(config, base, count, current_key).to(base.weight.device)
+        indices = self._prescribed_indices.get(adapter_name, {}).get(current_key)
+        if indices is None:
+            count = self._count_for(config, adapter_name, current_key, rows * cols)
+            indices = self._initial_indices(config, base, count, current_key)
+        indices = indices.to(base.weight.device)
         init = dict(init_weights=config.init_weights, init_seed=layer_seed(config.init_seed, f"{current_key}.values"))
         tied = self._weight_is_tied(base.weight)
         layer_cls = self.quantized_layer_cls if quantization_of(base) is not None else self.delta_layer_cls
@@ -108,6 +129,63 @@ class SparseDeltaTuner(AllOrNothingTuner):
     def _weight_is_tied(self, weight: nn.Parameter) -> bool:
         """Whether ``weight`` is shared with another module (e.g. an output head tied to the input embeddings)."""
         return sum(parameter is weight for _, parameter in self.model.named_parameters(remove_duplicate=False)) > 1
+
+    # --- composition ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "linear",
+        density: Optional[float] = None,
+        majority_sign_method: str = "total",
+        seed: Optional[int] = None,
+    ) -> None:
+        """Add adapter ``adapter_name``: per matrix, the union of the ``adapters``' indices with merged values.
+
+        ``combination_type``: ``"linear"`` (exact weighted sum), ``"ties"``, ``"dare_linear"``,
+        ``"dare_ties"`` or ``"magnitude_prune"``, which first keep a ``density`` fraction of each
+        source's own values (see :mod:`peft_sparse.sparse.combine`). ``seed`` seeds dare's random
+        pruning without touching torch's global generator (None: the global generator, as peft).
+        The new adapter is an ordinary one of the same method (its config: the first source's, with
+        ``values_per_module`` holding the union's counts): it trains, saves, loads and merges.
+        Entries that pruning zeroed stay in it, trainable. The sources are left unchanged.
+
+        Example:
+            >>> model.add_weighted_adapter(["arith", "reverse"], [1.0, 1.0], "both")  # doctest: +SKIP
+            >>> model.set_adapter("both")  # doctest: +SKIP
+        """
+        check_weighted_adapter_arguments(
+            self.peft_config, adapters, weights, adapter_name, combination_type, SPARSE_COMBINATION_TYPES, density,
+            majority_sign_method,
+        )  # fmt: skip
+        layers = [(name, layer) for name, layer in self.sparse_delta_layers() if set(adapters) & set(layer.delta_values)]
+        check_same_modules({a: {name for name, layer in layers if a in layer.delta_values} for a in adapters})
+        combined = {}
+        with seeded_random(seed, layers[0][1].delta_values[adapters[0]].device):
+            for name, layer in layers:
+                union, values = combine_sparse_deltas(
+                    [layer.delta_indices[a] for a in adapters],
+                    [full_tensor(layer.delta_values[a].detach()) for a in adapters],
+                    weights, combination_type, density, majority_sign_method,
+                )  # fmt: skip
+                combined[name] = (union.to(layer.delta_indices[adapters[0]].dtype), values)
+        self.peft_config[adapter_name] = replace(
+            self.peft_config[adapters[0]], init_weights=True,
+            values_per_module={name: union.numel() for name, (union, _) in combined.items()},
+        )  # fmt: skip
+        self._prescribed_indices[adapter_name] = {name: union for name, (union, _) in combined.items()}
+        try:
+            self.inject_adapter(self.model, adapter_name)
+        except Exception:
+            self.peft_config.pop(adapter_name, None)
+            raise
+        finally:
+            self._prescribed_indices.pop(adapter_name)
+        for name, layer in layers:
+            assign_full_(layer.delta_values[adapter_name], combined[name][1])
 
     # --- selection steps ---------------------------------------------------------------------
 
