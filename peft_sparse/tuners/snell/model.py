@@ -66,6 +66,16 @@ class SnellModel(AllOrNothingTuner):
         """Current fraction of zeroed delta entries per layer."""
         return {name: layer.sparsity(adapter_name) for name, layer in self.snell_layers(adapter_name)}
 
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, **kwargs) -> None:
+        """Refused: a weighted sum of SNELL deltas is in general not a SNELL delta (see the error)."""
+        raise ValueError(
+            "add_weighted_adapter cannot combine SNELL adapters: a SNELL delta is a kernelized low-rank matrix "
+            "thresholded to its largest entries, and a weighted sum of such deltas is in general not one, so no exact "
+            "combination exists. To apply several SNELL adapters together, merge them into the base weights "
+            "(model.merge_and_unload(adapter_names=[...])), or export each one to a LoRA "
+            "(peft_sparse.export.export_to_lora) and combine those with LoRA's add_weighted_adapter"
+        )
+
     # --- SNELLA -------------------------------------------------------------------------------
 
     def update_importance(self, adapter_name: str = "default") -> None:

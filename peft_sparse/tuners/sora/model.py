@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from dataclasses import replace
+from typing import Iterator, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ...loading import AllOrNothingTuner
+from ...sparse.combine import check_same_modules, check_weighted_adapter_arguments, seeded_random
 from ...sparse.layer import SUPPORTED_BASE_LAYERS
+from .combine import SORA_COMBINATION_TYPES, combine_sora_factors, combined_rank
 from .config import SoraConfig
 from .layer import SoraLayer, SoraLinear
 from .proximal import soft_threshold_
@@ -48,6 +51,57 @@ class SoraModel(AllOrNothingTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    # --- composition ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: Optional[int] = None,
+        density: Optional[float] = None,
+        majority_sign_method: str = "total",
+        seed: Optional[int] = None,
+    ) -> None:
+        """Add adapter ``adapter_name`` combining ``adapters`` as peft's LoRA does, each gate folded into its ``B``.
+
+        The result has gate ones and ``alpha = r`` (scale 1); ``"cat"`` (ranks stacked) is exact,
+        ``"svd"`` is exact when ``svd_rank`` covers the combined rank, the factor-wise rules
+        (``"linear"``, ``"ties"``, ...) approximate (see :mod:`peft_sparse.tuners.sora.combine`).
+        ``seed`` seeds dare's random pruning (None: torch's global generator, as peft).
+        The sources are left unchanged.
+
+        Example:
+            >>> model.add_weighted_adapter(["arith", "reverse"], [1.0, 1.0], "both", combination_type="cat")  # doctest: +SKIP
+        """
+        check_weighted_adapter_arguments(
+            self.peft_config, adapters, weights, adapter_name, combination_type, SORA_COMBINATION_TYPES, density,
+            majority_sign_method,
+        )  # fmt: skip
+        rank = combined_rank(combination_type, [self.peft_config[a].r for a in adapters], svd_rank)
+        layers = [(name, layer) for name, layer in self.model.named_modules()
+                  if isinstance(layer, SoraLayer) and set(adapters) & set(layer.sora_gate)]  # fmt: skip
+        check_same_modules({a: {name for name, layer in layers if a in layer.sora_gate} for a in adapters})
+        self.peft_config[adapter_name] = replace(
+            self.peft_config[adapters[0]], r=rank, alpha=float(rank), gate_init="ones", init_weights=True
+        )
+        try:
+            self.inject_adapter(self.model, adapter_name)
+        except Exception:
+            self.peft_config.pop(adapter_name, None)
+            raise
+        with seeded_random(seed, layers[0][1].sora_A[adapters[0]].device):
+            for _, layer in layers:
+                factors = [
+                    (layer.sora_A[a].float(), layer.sora_B[a].float() * layer.sora_gate[a].float(), layer.scaling[a])
+                    for a in adapters
+                ]
+                new_a, new_b = combine_sora_factors(combination_type, factors, weights, rank, density, majority_sign_method)
+                layer.sora_A[adapter_name].copy_(new_a)
+                layer.sora_B[adapter_name].copy_(new_b)
 
     # --- gates ---------------------------------------------------------------------------------
 
