@@ -33,10 +33,13 @@ TARGETS = ["q_proj", "down_proj"]  # 4 matrices: enough to test, fast
 # statistics windows over steps 1-2 and 3-4 (2 micro-batches each), so the checkpoint holds a
 # half-filled window; LIFT refreshes its mask at steps 2 and 4; SoRA's threshold moves every step, with
 # its gates in their own optimizer group (gate_lr 0.2, on the linear schedule as the rest);
-# SNELLA re-allocates at steps 2 and 4 from its importance EMAs.
+# SNELLA re-allocates at steps 2 and 4 from its importance EMAs. SaRA freezes its effective slots at
+# step 2 (kept in the checkpoint) under a nuclear-norm penalty; HFT freezes a new half at steps 0, 2, 4.
 METHODS = {
     "sparse-ag": (lambda: SparseConfig(target_modules=TARGETS, density=0.1, selection="ag", reselection_steps=2, selection_accumulation_steps=2, reselection_rate_schedule="constant"), SparseUpdateCallback),
     "sparse-ma": (lambda: SparseConfig(target_modules=TARGETS, density=0.1, selection="ma", reselection_steps=2, selection_accumulation_steps=2, reselection_rate_schedule="constant"), SparseUpdateCallback),
+    "sparse-sara": (lambda: SparseConfig(target_modules=TARGETS, density=0.1, selection="sara", reselection_steps=2, nuclear_norm_weight=0.5), SparseUpdateCallback),
+    "sparse-hft": (lambda: SparseConfig(target_modules=TARGETS, density=0.1, selection="hft", hft_granularity="entry", reselection_steps=2), SparseUpdateCallback),
     "lift": (lambda: LiftConfig(target_modules=TARGETS, density=0.1, rank=4, mask_update_interval=2), SparseUpdateCallback),
     "sora": (lambda: SoraConfig(target_modules=TARGETS, r=4, gate_lr=0.2, xi_schedule="linear", xi_start=0.01, xi_end=0.5), SoraCallback),
     "snella": (lambda: SnellConfig(target_modules=TARGETS, r=4, allocation="snella", sparsity=0.2, target_sparsity=0.8, allocation_interval=2), SnellAllocationCallback),

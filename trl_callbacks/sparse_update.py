@@ -14,6 +14,8 @@ from .model_check import check_model_has_method
 from .reporting import LoggingCallback
 from .schedules import reselection_rate
 
+FROZEN_SLOTS = "frozen_slots"  # checkpoint key part of SaRA/HFT frozen slots (not a layer name: it has no dots)
+
 
 def sparse_delta_tuners(model: nn.Module) -> Iterator[SparseDeltaTuner]:
     """Every sparse-delta tuner inside ``model`` (a PeftModel, possibly wrapped by DDP)."""
@@ -68,11 +70,25 @@ class SparseUpdateCallback(LoggingCallback, CheckpointStateCallback):
             if not tuner.selection_window_open(adapter_name):  # a resumed window is already open
                 tuner.open_selection_window(adapter_name)
 
+    def _slot_freezing_adapters(self, model: nn.Module):
+        for tuner, adapter_name, config in self._active_adapters(model):
+            if getattr(config, "freezes_slots", False):
+                yield tuner, adapter_name, config
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         check_model_has_method(self, model, any(self._active_adapters(model)), "SparseConfig and LiftConfig")
+        self._resumed_frozen_slots: set[str] = set()
         super().on_train_begin(args, state, control, model=model, **kwargs)  # resumes saved windows
         for tuner, adapter_name, config in self._dynamic_adapters(model):
             self._maybe_open_window(tuner, adapter_name, config, state.global_step, state.max_steps)
+        for tuner, adapter_name, config in self._slot_freezing_adapters(model):
+            if adapter_name not in self._resumed_frozen_slots:
+                tuner.update_frozen_slots(adapter_name, state.global_step)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        for tuner, adapter_name, config in self._active_adapters(model):
+            if getattr(config, "nuclear_norm_weight", 0):
+                tuner.add_nuclear_norm_gradient(adapter_name, state.global_step)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         step = state.global_step
@@ -89,6 +105,9 @@ class SparseUpdateCallback(LoggingCallback, CheckpointStateCallback):
                 if statistics is not None:
                     self._queue_logs(adapter_name, statistics)
             self._maybe_open_window(tuner, adapter_name, config, step, state.max_steps)
+        for tuner, adapter_name, config in self._slot_freezing_adapters(model):
+            if step % config.reselection_steps == 0:
+                tuner.update_frozen_slots(adapter_name, step)
 
     def _queue_logs(self, adapter_name: str, statistics: dict[str, float]) -> None:
         prefix = "sparse" if adapter_name == "default" else f"sparse/{adapter_name}"
@@ -121,7 +140,13 @@ class SparseUpdateCallback(LoggingCallback, CheckpointStateCallback):
                 open_windows.append(adapter_name)
                 state = tuner.selection_state(adapter_name)
                 tensors.update({f"{adapter_name}/{key}": tensor for key, tensor in state.items()})
-        return {"open_windows": open_windows, "churn_since_log": self._churn_since_log}, tensors
+        frozen = []
+        for tuner, adapter_name, _ in self._slot_freezing_adapters(model):
+            frozen.append(adapter_name)
+            state = tuner.frozen_slot_state(adapter_name)
+            tensors.update({f"{adapter_name}/{FROZEN_SLOTS}/{key}": tensor for key, tensor in state.items()})
+        attributes = {"open_windows": open_windows, "churn_since_log": self._churn_since_log, "frozen_slots": frozen}
+        return attributes, tensors
 
     def restore_checkpoint_state(self, model: nn.Module, attributes: dict, tensors: dict[str, torch.Tensor]) -> None:
         self._churn_since_log = dict(attributes.get("churn_since_log", {}))  # absent from older checkpoints
@@ -130,3 +155,9 @@ class SparseUpdateCallback(LoggingCallback, CheckpointStateCallback):
                 prefix = f"{adapter_name}/"
                 state = {key[len(prefix) :]: tensor for key, tensor in tensors.items() if key.startswith(prefix)}
                 tuner.load_selection_state(adapter_name, state)
+        for tuner, adapter_name, _ in self._slot_freezing_adapters(model):
+            if adapter_name in attributes.get("frozen_slots", []):  # absent from older checkpoints
+                prefix = f"{adapter_name}/{FROZEN_SLOTS}/"
+                state = {key[len(prefix) :]: tensor for key, tensor in tensors.items() if key.startswith(prefix)}
+                tuner.load_frozen_slot_state(adapter_name, state)
+                self._resumed_frozen_slots.add(adapter_name)

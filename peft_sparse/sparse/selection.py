@@ -178,3 +178,14 @@ class MomentumApproximationGrowth:
 def smallest_magnitude_positions(values: torch.Tensor, count: int) -> torch.Tensor:
     """Positions of the ``count`` entries of ``values`` with the smallest absolute value."""
     return torch.topk(values.detach().abs(), count, largest=False, sorted=False).indices
+
+
+def smallest_weight_indices(weight: torch.Tensor, count: int) -> torch.Tensor:
+    """Sorted flat indices [count] of the ``count`` entries of ``weight`` with the smallest ``|W0|`` (SaRA).
+
+    Example:
+        >>> smallest_weight_indices(torch.tensor([[0.5, -0.01], [0.2, 0.03]]), 2)
+        tensor([1, 3], dtype=torch.int32)
+    """
+    smallest = torch.topk(weight.detach().float().abs().view(-1), count, largest=False, sorted=False).indices
+    return smallest.sort().values.to(index_dtype_for(weight.numel()))

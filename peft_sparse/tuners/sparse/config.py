@@ -7,11 +7,14 @@ from typing import Optional
 
 from peft.utils.peft_types import PeftType
 
-from ...config_base import check_choice, check_fraction, check_positive_int
+from ...config_base import check_choice, check_fraction, check_positive_int, check_type
 from ...sparse.config import SparseDeltaConfig
 
-SELECTIONS = ("ag", "ma", "random")
+SELECTIONS = ("ag", "ma", "random", "sara", "hft")
 RATE_SCHEDULES = ("linear", "cosine", "constant")
+HFT_GRANULARITIES = ("matrix", "entry")
+# SaRA's reference fine-tuning command (lambda_rank)
+SARA_NUCLEAR_NORM_WEIGHT = 5e-4
 
 
 @dataclass
@@ -39,7 +42,10 @@ class SparseConfig(SparseDeltaConfig):
         default="ag",
         metadata={
             "help": "How entries are regrown: 'ag' (accumulated gradient), 'ma' (momentum approximation: row x "
-            "column squared-gradient statistics) or 'random' (indices fixed at their random initial value)."
+            "column squared-gradient statistics) or 'random' (indices fixed at their random initial value). "
+            "Fixed indices with frozen slots: 'sara' (the smallest |W0| of each matrix; at step reselection_steps the "
+            "slots whose |W0 + delta| reached the largest selected |W0| freeze) or 'hft' (random indices; every "
+            "reselection_steps steps a new random half, of the matrices or of the entries, freezes)."
         },
     )
     reselection_steps: int = field(default=20, metadata={"help": "Optimizer steps between selection steps."})
@@ -55,6 +61,20 @@ class SparseConfig(SparseDeltaConfig):
         metadata={"help": "Decay of the replaced fraction over training: 'linear', 'cosine' or 'constant'."},
     )
     init_seed: int = field(default=42, metadata={"help": "Seed of the random initial indices (per layer)."})
+    nuclear_norm_weight: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Weight of SaRA's nuclear-norm penalty on each delta (one matrix per optimizer step, in turn; "
+            f"needs SparseUpdateCallback). Default {SARA_NUCLEAR_NORM_WEIGHT} for selection='sara', else 0."
+        },
+    )
+    hft_granularity: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "selection='hft' only: freeze half of each block's adapted matrices ('matrix', the paper's, "
+            "default) or half of each matrix's entries ('entry')."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -63,7 +83,7 @@ class SparseConfig(SparseDeltaConfig):
         check_choice("selection", self.selection, SELECTIONS)
         check_positive_int("reselection_steps", self.reselection_steps)
         check_positive_int("selection_accumulation_steps", self.selection_accumulation_steps)
-        if self.selection_accumulation_steps > self.reselection_steps:
+        if not self.freezes_slots and self.selection_accumulation_steps > self.reselection_steps:  # no window
             raise ValueError(
                 f"selection_accumulation_steps must be at most reselection_steps ({self.reselection_steps}), "
                 f"got {self.selection_accumulation_steps}"
@@ -72,6 +92,24 @@ class SparseConfig(SparseDeltaConfig):
         check_choice("reselection_rate_schedule", self.reselection_rate_schedule, RATE_SCHEDULES)
         if isinstance(self.init_seed, bool) or not isinstance(self.init_seed, int) or self.init_seed < 0:
             raise ValueError(f"init_seed must be a non-negative integer, got {self.init_seed!r}")
+        self._check_frozen_slot_rules()
+
+    def _check_frozen_slot_rules(self) -> None:
+        if self.nuclear_norm_weight is None:
+            self.nuclear_norm_weight = SARA_NUCLEAR_NORM_WEIGHT if self.selection == "sara" else 0.0
+        check_type("nuclear_norm_weight", self.nuclear_norm_weight, (int, float), "a non-negative number")
+        if self.nuclear_norm_weight < 0:
+            raise ValueError(f"nuclear_norm_weight must be a non-negative number, got {self.nuclear_norm_weight!r}")
+        if self.selection != "hft":
+            if self.hft_granularity is not None:
+                raise ValueError(
+                    f"hft_granularity applies to selection='hft' only, got hft_granularity={self.hft_granularity!r} "
+                    f"with selection={self.selection!r}"
+                )
+            return
+        if self.hft_granularity is None:
+            self.hft_granularity = "matrix"
+        check_choice("hft_granularity", self.hft_granularity, HFT_GRANULARITIES)
 
     def _check_budget(self) -> None:
         if self.density is not None and self.num_tunable_weights is not None:
@@ -89,4 +127,9 @@ class SparseConfig(SparseDeltaConfig):
     @property
     def updates_indices(self) -> bool:
         """Whether training changes the indices (prune/regrow) or keeps them fixed."""
-        return self.selection != "random"
+        return self.selection in ("ag", "ma")
+
+    @property
+    def freezes_slots(self) -> bool:
+        """Whether some slots keep their value while the others train (SaRA, HFT)."""
+        return self.selection in ("sara", "hft")

@@ -1,15 +1,21 @@
-"""The sparse fine-tuning tuner: random initial indices, prune/regrow by AG or MA statistics."""
+"""The sparse fine-tuning tuner: random initial indices, prune/regrow by AG or MA statistics; SaRA and HFT
+keep their indices and freeze some slots instead (:mod:`peft_sparse.sparse.frozen_slots`)."""
 
 from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import nn
 
-from ...quantization import weight_matrix_shape
+from ...quantization import dequantized_weight, weight_matrix_shape
+from ...sparse.frozen_slots import FrozenSlots, random_half, slots_above_threshold
 from ...sparse.indices import layer_seed, random_unique_indices
 from ...sparse.layer import SparseDeltaLayer
-from ...sparse.selection import AccumulatedGradientGrowth, GrowthStatistics, MomentumApproximationGrowth
+from ...sparse.nuclear_norm import nuclear_norm_gradient
+from ...sparse.selection import (
+    AccumulatedGradientGrowth, GrowthStatistics, MomentumApproximationGrowth, smallest_weight_indices,
+)  # fmt: skip
 from ...sparse.tuner import SparseDeltaTuner
 from .config import SparseConfig
 
@@ -26,7 +32,13 @@ class SparseModel(SparseDeltaTuner):
 
     prefix: str = "sparse_"
 
+    def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
+        self._frozen_slots: dict[str, dict[str, FrozenSlots]] = {}
+        super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+
     def _initial_indices(self, config: SparseConfig, base_layer: nn.Module, count: int, module_name: str):
+        if config.selection == "sara":  # a 4-bit/8-bit weight is dequantized for this choice only
+            return smallest_weight_indices(dequantized_weight(base_layer), count)
         rows, cols = weight_matrix_shape(base_layer)
         return random_unique_indices(rows * cols, count, layer_seed(config.init_seed, module_name))
 
@@ -39,3 +51,98 @@ class SparseModel(SparseDeltaTuner):
         if config.selection == "ma":
             return MomentumApproximationGrowth(indices, layer.weight_shape)
         return None
+
+    # --- frozen slots (SaRA, HFT) and SaRA's nuclear-norm penalty ---------------------------------
+
+    def _adapter_layers(self, adapter_name: str) -> list[tuple[str, SparseDeltaLayer]]:
+        return [(name, layer) for name, layer in self.sparse_delta_layers() if adapter_name in layer.delta_values]
+
+    def update_frozen_slots(self, adapter_name: str, step: int) -> None:
+        """At a selection step (``step`` a multiple of ``reselection_steps``, or 0), choose which slots freeze.
+
+        HFT: a new seeded random half, of each block's matrices (``hft_granularity="matrix"``: the
+        matrices sharing a parent module) or of each matrix's slots (``"entry"``); the slots frozen
+        before train again. SaRA, at ``step == reselection_steps`` only (its progressive adjustment): the
+        slots whose ``|W0 + delta|`` rose above the layer's threshold (the largest selected ``|W0|``) freeze
+        for the rest of training; the slots still below it keep training.
+        """
+        config = self.peft_config[adapter_name]
+        layers = self._adapter_layers(adapter_name)
+        if config.selection == "hft":
+            self._freeze(adapter_name, hft_frozen_positions(config, adapter_name, layers, step))
+        elif config.selection == "sara" and step == config.reselection_steps:
+            self._freeze(adapter_name, {name: sara_effective_slots(layer, adapter_name) for name, layer in layers})
+
+    def _freeze(self, adapter_name: str, positions: dict[str, torch.Tensor]) -> None:
+        self.release_frozen_slots(adapter_name)
+        layers = dict(self._adapter_layers(adapter_name))
+        self._frozen_slots[adapter_name] = {
+            name: FrozenSlots(layers[name].delta_values[adapter_name], layer_positions)
+            for name, layer_positions in positions.items()
+        }
+
+    def release_frozen_slots(self, adapter_name: str) -> None:
+        """Let every slot of the adapter train again."""
+        for frozen in self._frozen_slots.pop(adapter_name, {}).values():
+            frozen.release()
+
+    def frozen_slot_state(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """``{layer name: frozen positions}`` (for checkpoints); empty when nothing is frozen."""
+        return {name: frozen.positions for name, frozen in self._frozen_slots.get(adapter_name, {}).items()}
+
+    def load_frozen_slot_state(self, adapter_name: str, state: dict[str, torch.Tensor]) -> None:
+        """Freeze the slots of ``frozen_slot_state`` at their current values (resuming from a checkpoint)."""
+        unknown = sorted(set(state) - {name for name, _ in self._adapter_layers(adapter_name)})
+        if unknown:
+            raise ValueError(f"frozen slots for layers this adapter does not have: {unknown[:3]}")
+        self._freeze(adapter_name, state)
+
+    def add_nuclear_norm_gradient(self, adapter_name: str, step: int) -> None:
+        """Add ``nuclear_norm_weight * d||delta||_*/d values`` of one layer (layer ``step mod L``, in order) to its gradient.
+
+        Called after backward and before the optimizer step, as SaRA's optimizer does (it penalises one
+        random matrix per step; the cyclic order is the same on every DDP rank and after a resume).
+        Frozen slots get none.
+        """
+        weight = self.peft_config[adapter_name].nuclear_norm_weight
+        layers = self._adapter_layers(adapter_name)
+        if weight == 0 or not layers:
+            return
+        name, layer = layers[step % len(layers)]
+        values = layer.delta_values[adapter_name]
+        gradient = weight * nuclear_norm_gradient(layer.get_delta_weight(adapter_name), layer.delta_indices[adapter_name])
+        frozen = self._frozen_slots.get(adapter_name, {}).get(name)
+        if frozen is not None:
+            gradient = frozen.mask_gradient(gradient)
+        if values.grad is None:
+            values.grad = gradient.to(values)
+        else:
+            values.grad.add_(gradient.to(values.grad))
+
+
+def hft_frozen_positions(
+    config: SparseConfig, adapter_name: str, layers: list[tuple[str, SparseDeltaLayer]], step: int
+) -> dict[str, torch.Tensor]:
+    """HFT's frozen half at ``step``: ``{layer name: frozen slot positions}``, seeded by ``init_seed``, names and step."""
+    if config.hft_granularity == "entry":
+        return {
+            name: random_half(layer.num_values(adapter_name), layer_seed(config.init_seed, f"{name}.hft.{step}"))
+            for name, layer in layers
+        }
+    blocks: dict[str, list[tuple[str, SparseDeltaLayer]]] = {}
+    for name, layer in layers:
+        blocks.setdefault(name.rpartition(".")[0], []).append((name, layer))
+    positions = {}
+    for block, members in blocks.items():
+        for member in random_half(len(members), layer_seed(config.init_seed, f"{block}.hft.{step}")).tolist():
+            name, layer = members[member]
+            positions[name] = torch.arange(layer.num_values(adapter_name))
+    return positions
+
+
+def sara_effective_slots(layer: SparseDeltaLayer, adapter_name: str) -> torch.Tensor:
+    """Slots whose ``|W0 + delta|`` rose above the largest ``|W0|`` SaRA selected in this layer (its threshold)."""
+    values = layer.delta_values[adapter_name].detach().float()
+    effective = layer.effective_weight(adapter_name).view(-1)[layer.delta_indices[adapter_name].long()]
+    threshold = (effective - values).abs().max().item()
+    return slots_above_threshold(effective, threshold)
