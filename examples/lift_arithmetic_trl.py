@@ -25,7 +25,7 @@ from arithmetic_task import (
 from peft_sparse import LiftConfig, SparseConfig
 from trl_callbacks import SparseUpdateCallback
 
-METHODS = ("lift", "sft", "lora", "full")
+METHODS = ("lift", "sft", "lora", "full", "sara", "hft")
 
 
 def lora_equivalent_count(model: nn.Module, rank: int) -> int:
@@ -40,9 +40,13 @@ def lora_equivalent_count(model: nn.Module, rank: int) -> int:
 
 def prepare(
     method: str, model: nn.Module, budget_rank: int, lift_rank: int, mask_update_interval: int | None,
-    delta_in_place: bool = True,
+    delta_in_place: bool = True, steps: int = 80,
 ):
-    """(model to train, callbacks) for ``method`` at LoRA rank ``budget_rank``'s budget."""
+    """(model to train, callbacks) for ``method`` at LoRA rank ``budget_rank``'s budget.
+
+    SaRA adjusts its trainable slots once, halfway through the ``steps`` (its reference run: 2500 of
+    5000); HFT re-chooses its frozen half every quarter of the run.
+    """
     if method == "full":
         return model, []
     if method == "lora":
@@ -56,6 +60,12 @@ def prepare(
         config = SparseConfig(num_tunable_weights=lora_equivalent_count(model, budget_rank),
                               delta_in_place=delta_in_place, target_modules="all-linear", task_type="CAUSAL_LM")
         return get_peft_model(model, config), [SparseUpdateCallback()]
+    if method in ("sara", "hft"):
+        interval = max(1, steps // 2 if method == "sara" else steps // 4)
+        config = SparseConfig(num_tunable_weights=lora_equivalent_count(model, budget_rank), selection=method,
+                              reselection_steps=interval, delta_in_place=delta_in_place, target_modules="all-linear",
+                              task_type="CAUSAL_LM")
+        return get_peft_model(model, config), [SparseUpdateCallback()]
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
@@ -66,7 +76,7 @@ def train_and_evaluate(args: argparse.Namespace) -> dict:
     general_before = text_loss(model, tokenizer, general_texts) if general_texts else None
 
     model, callbacks = prepare(args.method, model, args.budget_rank, args.lift_rank, args.mask_update_interval,
-                               delta_in_place=not args.exact_delta)
+                               delta_in_place=not args.exact_delta, steps=args.steps)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     train_set = conversational_dataset(arithmetic_problems(args.steps * args.batch_size, seed=args.seed))
     training_args = SFTConfig(**schedule_arguments(args))
