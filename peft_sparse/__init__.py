@@ -11,11 +11,12 @@ register_methods()
 from .export import export_sora_to_lora  # noqa: E402
 from .format_version import FORMAT_VERSION, __version__  # noqa: E402
 from .tuners.lift import LiftConfig, LiftModel  # noqa: E402
+from .tuners.s2ft import S2ftConfig, S2ftModel  # noqa: E402
 from .tuners.snell import SnellConfig, SnellModel  # noqa: E402
 from .tuners.sora import SoraConfig, SoraModel  # noqa: E402
 from .tuners.sparse import SparseConfig, SparseModel  # noqa: E402
 
 __all__ = [
-    "LiftConfig", "LiftModel", "SnellConfig", "SnellModel", "SoraConfig", "SoraModel", "SparseConfig", "SparseModel",
+    "LiftConfig", "LiftModel", "S2ftConfig", "S2ftModel", "SnellConfig", "SnellModel", "SoraConfig", "SoraModel", "SparseConfig", "SparseModel",
     "FORMAT_VERSION", "export_sora_to_lora", "__version__",
 ]

@@ -20,6 +20,7 @@ METHODS: tuple[tuple[str, str, str, str], ...] = (
     ("LIFT", "peft_sparse.tuners.lift", "LiftConfig", "LiftModel"),
     ("SORA", "peft_sparse.tuners.sora", "SoraConfig", "SoraModel"),
     ("SNELL", "peft_sparse.tuners.snell", "SnellConfig", "SnellModel"),
+    ("S2FT", "peft_sparse.tuners.s2ft", "S2ftConfig", "S2ftModel"),
 )
 
 for _name, *_ in METHODS:

@@ -24,12 +24,18 @@ class SparseDeltaBinding:
     col_indices: torch.Tensor
     observer: Optional[GradientObserver] = None
 
+    def gradient(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """``d values`` [k]: the entries of ``left @ right`` at the pattern (SDDMM)."""
+        return sampled_dense_dense_matmul(left, right, self.crow_indices, self.col_indices)
+
 
 class MergedSparseDeltaLinear(torch.autograd.Function):
-    """``y = x @ W^T + b`` where W holds ``W0 + delta``; backward gives ``d values`` by SDDMM.
+    """``y = x @ W^T + b`` where W holds ``W0 + delta``; backward gives ``d values`` from each binding.
 
     ``weight_is_transposed`` is True for transformers' ``Conv1D`` (weight stored [in, out]).
-    The dense weight gradient is never formed, except inside an observer on selection steps.
+    Each binding computes its own ``d values`` from the gradient's factors (SDDMM for a sparse set,
+    a dense GEMM for a slice); the dense weight gradient is never formed, except inside an observer
+    on selection steps.
     With no bindings it is a plain linear whose graph is counted in ``holds``: while the graph
     lives, the layer does not write the weight (see :mod:`.write_guard`).
     """
@@ -66,7 +72,7 @@ class MergedSparseDeltaLinear(torch.autograd.Function):
             left, right = grad_output_2d.t(), inputs_2d
         grad_values = []
         for binding, dtype in zip(ctx.bindings, ctx.value_dtypes):
-            grad = sampled_dense_dense_matmul(left, right, binding.crow_indices, binding.col_indices)
+            grad = binding.gradient(left, right)
             grad_values.append(grad.to(dtype))
             if binding.observer is not None:
                 binding.observer(left, right)

@@ -296,17 +296,17 @@ class SparseDeltaLayer(BaseTunerLayer):
         if not torch.is_grad_enabled():
             return self.base_layer(x, *args, **kwargs)
         trainable = [name for name in in_weight if self.delta_values[name].requires_grad]
-        bindings = []
-        for name in trainable:
-            pattern = self._pattern(name)
-            bindings.append(
-                SparseDeltaBinding(pattern.crow_indices, pattern.col_indices, self.gradient_observers.get(name))
-            )
+        bindings = [self._gradient_binding(name) for name in trainable]
         base = self.get_base_layer()
         return MergedSparseDeltaLinear.apply(
             x, base.weight, base.bias, self.weight_is_transposed, self.weight_holds, bindings,
             *(self.delta_values[name] for name in trainable),
         )
+
+    def _gradient_binding(self, adapter_name: str) -> SparseDeltaBinding:
+        """How backward computes ``d values`` of one adapter held in the weight (here: SDDMM at its pattern)."""
+        pattern = self._pattern(adapter_name)
+        return SparseDeltaBinding(pattern.crow_indices, pattern.col_indices, self.gradient_observers.get(adapter_name))
 
     def _delta_term(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """``x @ S^T`` for one adapter's current values, differentiable in ``x`` and the values."""
