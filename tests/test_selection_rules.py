@@ -134,14 +134,15 @@ def test_hft_entry_granularity_freezes_half_of_every_matrix():
         assert torch.unique(state[name]).numel() == state[name].numel()
 
 
-def test_nuclear_norm_gradient_matches_autograd_of_the_nuclear_norm():
+@pytest.mark.parametrize("shape", [(8, 6), (6, 8)])
+def test_nuclear_norm_gradient_matches_autograd_of_the_nuclear_norm(shape):
     generator = torch.Generator().manual_seed(0)
     indices = torch.randperm(48, generator=generator)[:30].sort().values
     values = torch.randn(30, generator=generator, dtype=torch.float64, requires_grad=True)
-    delta = torch.zeros(48, dtype=torch.float64).index_put((indices,), values).view(8, 6)
+    delta = torch.zeros(48, dtype=torch.float64).index_put((indices,), values).view(shape)
     torch.linalg.matrix_norm(delta, "nuc").backward()
     assert torch.allclose(nuclear_norm_gradient(delta.detach().float(), indices), values.grad.float(), atol=1e-5)
-    assert torch.equal(nuclear_norm_gradient(torch.zeros(8, 6), indices), torch.zeros(30))
+    assert torch.equal(nuclear_norm_gradient(torch.zeros(shape), indices), torch.zeros(30))
 
 
 def test_nuclear_norm_penalty_goes_to_one_layer_per_step_in_turn():

@@ -28,6 +28,9 @@ class SparseUpdateCallback(LoggingCallback, CheckpointStateCallback):
     """Drives selection steps: opens the statistics window ``selection_accumulation_steps`` before
     every ``reselection_steps``-th optimizer step, then drops/grows entries and remaps the optimizer state.
     For LIFT adapters with ``mask_update_interval`` it recomputes the principal-weight mask at those steps.
+    For SparseConfig ``selection="sara"``/``"hft"`` it chooses the frozen slots at train begin and every
+    ``reselection_steps`` steps (kept in checkpoints), and before each optimizer step it adds the gradient
+    of the nuclear-norm penalty (``nuclear_norm_weight``) of one layer.
 
     Every Trainer log gets ``sparse/density`` (trainable entries over all entries of the adapted
     matrices) and ``sparse/churn``: the fraction of entries the selection steps since the previous
