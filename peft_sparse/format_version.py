@@ -3,7 +3,8 @@
 ``FORMAT_VERSION`` numbers the layout of a saved adapter (config fields and tensor names/meanings).
 Bump it when a change would make an older peft_sparse misread a new adapter; a reader refuses
 adapters with a newer format version instead of loading them wrongly. Adapters saved before the
-stamp existed are format 1. ``__version__`` is the installed distribution's (``pyproject.toml``'s)
+stamp existed are format 1. Format 2 saves a sparse delta's indices as compact gaps and its values in the
+config's ``save_dtype`` (:mod:`peft_sparse.sparse.compact_format`); format-1 adapters still load. ``__version__`` is the installed distribution's (``pyproject.toml``'s)
 version, read from its metadata.
 """
 
@@ -26,7 +27,7 @@ def installed_version(distribution: str = "peft-sparse") -> str:
 
 
 __version__ = installed_version()
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def check_format_version(format_version, written_by: str | None) -> None:

@@ -23,8 +23,10 @@ from torch import nn
 
 from .loading import PEFT_KEY_PREFIX, check_adapter_weights_file
 from .quantization import weight_matrix_shape
+from .sparse.compact_format import expand_tensors
 from .sparse.layer import SparseDeltaLinear
 from .tuners.lift import LiftDeltaLinear
+from .tuners.s2ft import S2ftLinear
 from .tuners.snell.layer import SnellLayer
 from .tuners.sora.layer import SoraLayer
 
@@ -141,7 +143,7 @@ def summarize_adapter(adapter_dir: Union[str, Path], base_shapes: Optional[dict[
         raise ValueError(f"peft_type must be one of {sorted(LAYER_CLASSES)} (a peft_sparse adapter), got {method!r}")
     check_adapter_weights_file(adapter_dir)
     per_layer: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in load_file(adapter_dir / SAFETENSORS_WEIGHTS_NAME).items():
+    for key, tensor in expand_tensors(load_file(adapter_dir / SAFETENSORS_WEIGHTS_NAME)).items():  # any format
         module, attribute = key.removeprefix(PEFT_KEY_PREFIX).rsplit(".", 1)
         per_layer.setdefault(module, {})[attribute] = tensor
     layers = []

@@ -18,6 +18,7 @@ from transformers import TrainerState
 
 from peft_sparse import LiftConfig, SnellConfig, SoraConfig, SparseConfig
 from peft_sparse.cli import main
+from peft_sparse.sparse.compact_format import expand_tensors
 from peft_sparse.summary import AdapterSummary, budget_text, module_order_key
 from peft_sparse.training_log import load_log_history
 from tests.conftest import make_tiny_llama
@@ -54,7 +55,8 @@ def row(lines: list[str], layer: str) -> list[str]:
 
 def test_inspect_sparse_adapter_with_base_model_gives_density(capsys, saved):
     lines = run_inspect(capsys, saved["sft"], "--base-model", saved["base"])
-    indices = load_file(saved["sft"] / "adapter_model.safetensors")[f"base_model.model.{UP_PROJ}.sparse_indices"]
+    saved_tensors = expand_tensors(load_file(saved["sft"] / "adapter_model.safetensors"))
+    indices = saved_tensors[f"base_model.model.{UP_PROJ}.sparse_indices"]
     assert "method: SPARSE (`SparseConfig`)" in lines
     assert "trainable values: 614 in 4 matrices" in lines
     assert "density: 9.99%" in lines

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
+
 from ..config_base import PeftSparseConfig, check_bool
 
 
@@ -17,6 +19,14 @@ def check_values_per_module(name: str, value) -> None:
         for key, count in value.items()
     ):
         raise ValueError(f"{name} must be None or a dict of module name -> positive integer, got {value!r}")
+
+
+SAVE_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def check_save_dtype(name: str, value) -> None:
+    if value is not None and value not in SAVE_DTYPES:
+        raise ValueError(f"{name} must be None (the values' training dtype) or one of {SAVE_DTYPES}, got {value!r}")
 
 
 @dataclass
@@ -41,7 +51,21 @@ class SparseDeltaConfig(PeftSparseConfig):
         },
     )
 
+    save_dtype: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "dtype of the saved values: None keeps their training dtype (float32 on a float32/bf16/fp16 "
+            "base), or 'bfloat16', 'float16', 'float32'. Loading casts them back to the training dtype."
+        },
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         check_bool("delta_in_place", self.delta_in_place)
         check_values_per_module("values_per_module", self.values_per_module)
+        check_save_dtype("save_dtype", self.save_dtype)
+
+    @property
+    def saved_values_dtype(self) -> Optional[torch.dtype]:
+        """``save_dtype`` as a torch dtype (None: the values are saved as they are)."""
+        return None if self.save_dtype is None else getattr(torch, self.save_dtype)

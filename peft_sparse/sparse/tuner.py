@@ -14,6 +14,7 @@ from .combine import (
     SPARSE_COMBINATION_TYPES, check_same_modules, check_weighted_adapter_arguments, combine_sparse_deltas,
     seeded_random,
 )  # fmt: skip
+from .compact_format import compact_tensors, expand_tensors
 from .distributed import all_reduce_mean_, assign_full_, full_tensor
 from ..quantization import quantization_of, weight_matrix_shape
 from .indices import check_index_set, layer_seed
@@ -301,11 +302,28 @@ class SparseDeltaTuner(AllOrNothingTuner):
             **per_layer,
         }
 
-    # --- loading checks ----------------------------------------------------------------------
+    # --- saving and loading ------------------------------------------------------------------
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """The adapter's tensors in the compact layout (format 2): index gaps, values in ``config.save_dtype``."""
+        tensors = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        layer_cls = cls.delta_layer_cls
+        return compact_tensors(
+            tensors, layer_cls.adapter_layer_names[0], layer_cls.other_param_names[0], config.saved_values_dtype
+        )
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        # format 2 saves index gaps, format 1 the indices: both are checked as format 1
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, expand_tensors(state_dict))
 
     @classmethod
     def _check_checkpoint(cls, model, config, adapter_name, state_dict) -> None:
-        """Every layer's indices must be a sorted, duplicate-free set inside its weight (shapes are checked already)."""
+        """Every layer's indices must be a sorted, duplicate-free set inside its weight, and its values floating point.
+
+        Shapes are checked already. Indices and values are cast to the dtypes of the layer's own.
+        """
         for name, module in model.named_modules():
             if not isinstance(module, SparseDeltaLayer) or adapter_name not in module.delta_values:
                 continue
@@ -313,3 +331,11 @@ class SparseDeltaTuner(AllOrNothingTuner):
             indices = state_dict[indices_key]
             check_index_set(indices, module.num_entries, where=f"layer '{name}'")
             state_dict[indices_key] = indices.to(module.delta_indices[adapter_name].dtype)
+            values_key = f"{name}.{module.adapter_layer_names[0]}.{adapter_name}"
+            values = state_dict[values_key]
+            if not values.is_floating_point():
+                raise ValueError(
+                    f"layer '{name}': values must be a floating-point tensor, got {values.dtype}; the adapter file "
+                    "is damaged or was not written by peft_sparse"
+                )
+            state_dict[values_key] = values.to(module.delta_values[adapter_name].dtype)
