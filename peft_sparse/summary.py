@@ -117,7 +117,9 @@ def _snell_layer(name: str, tensors: dict[str, torch.Tensor]) -> LayerSummary:
 
 
 # The layer class of each method names its saved tensors.
-LAYER_CLASSES = {"SPARSE": SparseDeltaLinear, "LIFT": LiftDeltaLinear, "SORA": SoraLayer, "SNELL": SnellLayer}
+LAYER_CLASSES = {
+    "SPARSE": SparseDeltaLinear, "LIFT": LiftDeltaLinear, "S2FT": S2ftLinear, "SORA": SoraLayer, "SNELL": SnellLayer,
+}
 
 
 def _read_layer(method: str, name: str, tensors: dict[str, torch.Tensor]) -> LayerSummary:
@@ -237,6 +239,7 @@ _SPARSE_COLUMNS = (
 COLUMNS = {
     "SPARSE": _SPARSE_COLUMNS,
     "LIFT": _SPARSE_COLUMNS,
+    "S2FT": _SPARSE_COLUMNS,
     "SORA": (
         ("rank", lambda layer: str(layer.rank)),
         ("live rank", lambda layer: str(layer.live_rank)),
@@ -276,6 +279,12 @@ def budget_text(summary: AdapterSummary) -> str:
         if method == "SPARSE":
             return f"{budget}; selection '{config.selection}'"
         return f"{budget}; principal weights of the rank-{config.rank} approximation"
+    if method == "S2FT":
+        if config.lora_rank_budget is not None:
+            budget = f"as many weights as LoRA rank {config.lora_rank_budget} on all linear layers"
+        else:
+            budget = f"{config.num_heads} heads and {config.num_channels} FFN channels per block"
+        return f"{budget}, as whole heads and channels; selection '{config.selection}'"
     if method == "SORA":
         live = sum(layer.live_rank for layer in summary.layers)
         total = sum(layer.rank for layer in summary.layers)
