@@ -131,7 +131,7 @@ class S2ftModel(SparseDeltaTuner):
         roles: dict[str, list[tuple[int, int]]] = {"heads": [], "channels": [], "coupled": []}
         for name in self._matched_weight_sizes(config):
             roles[self._role(config, name)].append(self._logical_shape(name))
-        head_dim = self._head_dim(config)
+        head_dim = self._head_dim(config) if roles["heads"] else 1
         per_head = sum(out * head_dim for out, _ in roles["heads"])  # one head in every attention output module
         per_channel = sum(out for out, _ in roles["channels"]) + sum(inputs for _, inputs in roles["coupled"])
         head_size = sum(out * inputs for out, inputs in roles["heads"])
