@@ -317,6 +317,21 @@ def density_text(summary: AdapterSummary) -> str:
     return f"{_percent(configured_density(summary))} of each target matrix (from adapter_config.json)"
 
 
+def base_model_text(base_model: Optional[str]) -> str:
+    """The base model's id or path, and what it is when its local ``config.json`` says (``peft_sparse_source``,
+    written for the embedded model: the dequantized Q4_1 GGUF of SmolLM2-135M-Instruct).
+
+    Example:
+        >>> base_model_text("HuggingFaceTB/SmolLM2-135M-Instruct")
+        'HuggingFaceTB/SmolLM2-135M-Instruct'
+    """
+    if not base_model:
+        return "unknown"
+    config_path = Path(base_model) / "config.json"
+    source = json.loads(config_path.read_text()).get("peft_sparse_source") if config_path.is_file() else None
+    return f"{base_model} ({source})" if source else str(base_model)
+
+
 def overview(summary: AdapterSummary) -> dict[str, str]:
     """The adapter's headline facts (method, budget, trainable values, density, targets, base model, versions)."""
     config = summary.config
@@ -326,6 +341,6 @@ def overview(summary: AdapterSummary) -> dict[str, str]:
         "trainable values": f"{summary.trainable:,} in {len(summary.layers)} matrices",
         "density": density_text(summary),
         "target modules": target_modules_text(config),
-        "base model": str(config.base_model_name_or_path or "unknown"),
+        "base model": base_model_text(config.base_model_name_or_path),
         "written by": f"peft_sparse {config.peft_sparse_version} (adapter format {config.format_version})",
     }

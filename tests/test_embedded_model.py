@@ -27,6 +27,33 @@ def run_script(source: str, hf_home: Path) -> str:
     return result.stdout
 
 
+def save_cached_checkpoint(directory: Path) -> None:
+    """A tiny chat model saved as the cache holds the converted embedded model (source note in config.json)."""
+    save_tiny_chat_model(directory)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "peft_sparse_source": embedded_model.SOURCE_NOTE}))
+
+
+def test_cached_checkpoint_loads_in_4bit_with_bitsandbytes(tmp_path):
+    bitsandbytes = pytest.importorskip("bitsandbytes")
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    save_cached_checkpoint(tmp_path)
+    input_ids = torch.arange(3, 40).reshape(1, -1)
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    quantized = AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    ).eval()
+    assert type(quantized.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    for name, module in quantized.named_modules():  # the dense model with the 4-bit weights, dequantized
+        if type(module).__name__ == "Linear4bit":
+            weight = bitsandbytes.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            dense.get_submodule(name).weight.data.copy_(weight)
+    with torch.no_grad():
+        assert torch.allclose(quantized(input_ids).logits, dense(input_ids).logits, atol=1e-5)
+
+
 def test_embedded_model_path_follows_hf_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     assert embedded_model.cache_root() == tmp_path / "hf" / "peft_sparse"
@@ -53,7 +80,7 @@ def test_embedded_model_path_converts_once(tmp_path, monkeypatch):
 
 def test_cached_checkpoint_trains_with_sft_trainer_defaults_then_loads_merges_and_saves(tmp_path):
     hf_home = tmp_path / "hf"
-    save_tiny_chat_model(hf_home / "peft_sparse" / embedded_model.EMBEDDED_DIRECTORY)
+    save_cached_checkpoint(hf_home / "peft_sparse" / embedded_model.EMBEDDED_DIRECTORY)
     adapter_dir, merged_dir = tmp_path / "adapter", tmp_path / "merged"
     run_script(f"""
         import torch
@@ -73,7 +100,10 @@ def test_cached_checkpoint_trains_with_sft_trainer_defaults_then_loads_merges_an
         )
         trainer.train()
         trainer.save_model({str(adapter_dir)!r})
+        from peft_sparse.model_card import write_model_card
+        write_model_card(trainer.model, {str(adapter_dir)!r})
     """, hf_home)
+    assert embedded_model.SOURCE_NOTE in (adapter_dir / "README.md").read_text()  # the card says what the base is
     output = run_script(f"""
         import torch
         from peft import AutoPeftModelForCausalLM
