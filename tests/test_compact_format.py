@@ -56,7 +56,7 @@ def test_encode_refuses_unsorted_indices():
     "stream, message",
     [
         (torch.tensor([4, 255], dtype=torch.uint8), "end inside a gap"),
-        (torch.tensor([4, 5], dtype=torch.int32), "must be a 1-D tensor of uint8, uint16 or uint32, got a 1-D torch.int32"),
+        (torch.tensor([4, 5], dtype=torch.int32), "uint8, uint16 or uint32, got a 1-D torch.int32"),
     ],
 )
 def test_malformed_streams_are_refused(stream, message):
@@ -77,7 +77,8 @@ def write_format_1(saved_dir, target):
 
 
 def adapter_state(model):
-    return {name: tensor.clone() for name, tensor in model.state_dict().items() if "_values" in name or "_indices" in name}
+    state = model.state_dict()
+    return {name: tensor.clone() for name, tensor in state.items() if "_values" in name or "_indices" in name}
 
 
 @METHODS

@@ -10,6 +10,7 @@ import torch
 from peft import get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file
 
+from peft_sparse.sparse.compact_format import expand_tensors
 from tests.conftest import assert_same_adapter, make_tiny_llama
 from tests.tiny_runs import METHODS, train
 
@@ -51,8 +52,8 @@ def test_resuming_under_ddp_is_bit_identical(ddp_adapters, method):
 
 @pytest.mark.parametrize("method", ["sparse-ag", "sparse-ma", "lift"])
 def test_selection_steps_changed_the_indices(ddp_adapters, method):
-    initial = get_peft_model_state_dict(get_peft_model(make_tiny_llama(), METHODS[method][0]()))
-    trained = load_file(ddp_adapters / f"{method}-rank0.safetensors")
+    initial = expand_tensors(get_peft_model_state_dict(get_peft_model(make_tiny_llama(), METHODS[method][0]())))
+    trained = expand_tensors(load_file(ddp_adapters / f"{method}-rank0.safetensors"))
     indices = [key for key in initial if key.endswith("_indices")]
     assert len(indices) == 4
     assert sum(int((~torch.isin(trained[key], initial[key])).sum()) for key in indices) > 0
@@ -60,8 +61,8 @@ def test_selection_steps_changed_the_indices(ddp_adapters, method):
 
 def test_accumulated_gradient_selection_matches_one_process_with_the_global_batch(ddp_adapters, tmp_path):
     """AG averages its statistics over ranks, so 2 x 2 samples pick what 1 x 4 samples pick."""
-    single = get_peft_model_state_dict(train("sparse-ag", str(tmp_path), per_device_train_batch_size=4))
-    distributed = load_file(ddp_adapters / "sparse-ag-rank0.safetensors")
+    single = expand_tensors(get_peft_model_state_dict(train("sparse-ag", str(tmp_path), per_device_train_batch_size=4)))
+    distributed = expand_tensors(load_file(ddp_adapters / "sparse-ag-rank0.safetensors"))
     for key in [key for key in single if key.endswith("_indices")]:
         assert torch.equal(distributed[key], single[key]), key
 
@@ -70,6 +71,8 @@ def test_trainer_with_fsdp2_ends_with_the_adapter_of_one_process(tmp_path):
     """``TrainingArguments(fsdp=..., fsdp_config={"fsdp_version": 2})``: 2 gloo processes, sharded weights."""
     result = launch(2, str(tmp_path), "--fsdp", "sparse-ag")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    sharded = load_file(tmp_path / "sparse-ag" / "checkpoint-4" / "adapter_model.safetensors")
-    single = get_peft_model_state_dict(train("sparse-ag", str(tmp_path / "single"), per_device_train_batch_size=4))
+    sharded = expand_tensors(load_file(tmp_path / "sparse-ag" / "checkpoint-4" / "adapter_model.safetensors"))
+    single = expand_tensors(
+        get_peft_model_state_dict(train("sparse-ag", str(tmp_path / "single"), per_device_train_batch_size=4))
+    )
     assert_same_adapter(sharded, single)
