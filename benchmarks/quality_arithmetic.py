@@ -27,7 +27,9 @@ ARITHMETIC_METHODS = lift_arithmetic_trl.METHODS
 # Learning rates: full FT and LoRA from ../shared/BENCHMARKS.md; SFT as in the SFT demo; LIFT trains
 # a few % of every matrix, between the two.
 # SaRA and HFT train sparse values at SFT's budget: SFT's rate.
-DEFAULT_LEARNING_RATES = {"lift": 5e-4, "sft": 1e-3, "lora": 1e-3, "full": 2e-5, "sara": 1e-3, "hft": 1e-3}
+DEFAULT_LEARNING_RATES = {
+    "lift": 5e-4, "sft": 1e-3, "lora": 1e-3, "full": 2e-5, "sara": 1e-3, "hft": 1e-3, "s2ft": 1e-3,
+}
 DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16"}
 
 
@@ -69,8 +71,8 @@ def main() -> None:
     parser.add_argument("--lr-multipliers", type=lambda text: [float(value) for value in text.split(",")],
                         default=[1.0], help="learning-rate grid: multiples of each method's default, e.g. 0.5,1,2")
     args = parser.parse_args()
-    if args.exact_delta and not set(args.methods.split(",")) <= {"lift", "sft", "sara", "hft"}:
-        parser.error(f"--exact-delta applies to lift, sft, sara and hft only, got --methods {args.methods}")
+    if args.exact_delta and not set(args.methods.split(",")) <= {"lift", "sft", "sara", "hft", "s2ft"}:
+        parser.error(f"--exact-delta applies to lift, sft, sara, hft and s2ft only, got --methods {args.methods}")
     rows = []
     for method, multiplier in [(m, x) for m in args.methods.split(",") for x in args.lr_multipliers]:
         settings = {"r": args.r, "learning_rate": DEFAULT_LEARNING_RATES[method] * multiplier, "steps": args.steps,

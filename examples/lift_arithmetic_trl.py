@@ -22,10 +22,10 @@ from arithmetic_task import (
     DEFAULT_GENERAL_TEXT, add_run_arguments, arithmetic_problems, conversational_dataset, evaluate, load_and_score,
     read_general_texts, schedule_arguments, text_loss,
 )  # fmt: skip
-from peft_sparse import LiftConfig, SparseConfig
+from peft_sparse import LiftConfig, S2ftConfig, SparseConfig
 from trl_callbacks import SparseUpdateCallback
 
-METHODS = ("lift", "sft", "lora", "full", "sara", "hft")
+METHODS = ("lift", "sft", "lora", "full", "sara", "hft", "s2ft")
 
 
 def lora_equivalent_count(model: nn.Module, rank: int) -> int:
@@ -66,6 +66,9 @@ def prepare(
                               reselection_steps=interval, delta_in_place=delta_in_place, target_modules="all-linear",
                               task_type="CAUSAL_LM")
         return get_peft_model(model, config), [SparseUpdateCallback()]
+    if method == "s2ft":
+        config = S2ftConfig(lora_rank_budget=budget_rank, delta_in_place=delta_in_place, task_type="CAUSAL_LM")
+        return get_peft_model(model, config), []
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 

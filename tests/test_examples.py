@@ -106,7 +106,10 @@ def test_arithmetic_example_trains_each_method_at_the_same_budget(method, tiny_c
     model, _ = arithmetic_task.load_model_and_tokenizer(str(tiny_chat_model))
     budget = lift_arithmetic_trl.lora_equivalent_count(model, 2)
     expected_trainable = sum(p.numel() for p in model.parameters()) if method == "full" else budget
-    assert scores["trainable_params"] == expected_trainable
+    if method == "s2ft":  # whole heads and channels: LoRA's count within 5%
+        assert abs(scores["trainable_params"] / expected_trainable - 1) <= 0.05
+    else:
+        assert scores["trainable_params"] == expected_trainable
     assert 0.0 <= scores["exact_match"] <= 1.0
     assert scores["answer_loss"] < scores["answer_loss_before"]  # 6 steps at lr 1e-2 learn the answer format
     assert scores["general_loss_rise"] != 0.0 and torch.isfinite(torch.tensor(scores["general_loss_rise"]))
