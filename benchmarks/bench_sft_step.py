@@ -1,8 +1,11 @@
-"""Train-step time and peak memory of SFT (ours) vs LoRA, SHiRA, Super-Tuning, SpIEL-style and full FT.
+"""Train-step time and peak memory of SFT and S2FT (ours) vs LoRA, SHiRA, Super-Tuning, SpIEL-style and full FT.
 
 Equal budgets: LoRA rank r gives r * (in + out) per target matrix; SHiRA gets the same r, SFT and
 the SpIEL-style baseline get the total (split by matrix size, same random indices), Super-Tuning
-the matching global sparsity (it floors per matrix: the table shows each actual count).
+the matching global sparsity (it floors per matrix: the table shows each actual count), S2FT the
+same total in whole heads and FFN channels (``lora_rank_budget``; on the single layer, columns).
+``frozen`` trains nothing: forward + backward to the input only, the floor under every method;
+"overhead vs LoRA" is ``(t_method - t_frozen) / (t_LoRA - t_frozen)``.
 A step is forward + backward + AdamW step, timed as the median of --steps after one warm-up step.
 Peak memory: highest process RSS seen by a sampling thread during all steps, above the RSS before.
 
@@ -38,7 +41,7 @@ from peft_sparse.sparse.tuner import split_budget
 
 from benchmark_metadata import write_results
 
-METHODS = ("lora", "sft", "spiel-style", "full-ft", "shira", "supertuning")
+METHODS = ("frozen", "lora", "sft", "s2ft", "spiel-style", "full-ft", "shira", "supertuning")
 WORKLOADS = ("smollm2-135m", "linear-4096")
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SMOLLM2_SHAPES = dict(
@@ -88,6 +91,22 @@ def linear_workload(quick: bool) -> Workload:
     return Workload("linear-4096", build, inputs, loss, ["proj"], f"random nn.Linear({size}, {size}, bias=False)")
 
 
+class InputGradient(nn.Module):
+    """Makes its input a leaf that requires grad, so a frozen model still runs its full backward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.detach().requires_grad_(True)
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    """``model`` with no trainable weights whose backward still reaches the input (embeddings' output)."""
+    model.requires_grad_(False)
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+        return model
+    return nn.Sequential(InputGradient(), model)
+
+
 class SpielStyleLinear(nn.Module):
     """Reference-SpIEL-style sparse delta: every forward builds a copy ``W0 + scatter(values)``.
 
@@ -132,6 +151,8 @@ def build_model(method: str, workload: Workload, rank: int) -> nn.Module:
     targets = workload.targets
     if method == "full-ft":
         return model
+    if method == "frozen":
+        return frozen(model)
     if method == "spiel-style":
         return swap_in_spiel_style(model, linears, budget)
     if method == "lora":
@@ -140,6 +161,12 @@ def build_model(method: str, workload: Workload, rank: int) -> nn.Module:
         config = peft_sparse.SparseConfig(
             num_tunable_weights=budget, selection="random", target_modules=targets, init_seed=INIT_SEED
         )
+    elif method == "s2ft":
+        single_layer = workload.targets == ["proj"]
+        config = peft_sparse.S2ftConfig(
+            lora_rank_budget=rank, init_seed=INIT_SEED,
+            **(dict(attention_output_modules=[], ffn_output_modules=["proj"]) if single_layer else {}),
+        )  # fmt: skip
     elif method == "shira":
         config = ShiraConfig(r=rank, target_modules=targets, random_seed=INIT_SEED)
     else:
@@ -190,7 +217,7 @@ def timed_training(model: nn.Module, workload: Workload, steps: int) -> dict:
     """Train ``model`` (AdamW) for a warm-up step and ``steps`` timed ones: trainable params, step times, peak RSS."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = torch.optim.AdamW(params or [torch.zeros(1, requires_grad=True)], lr=1e-4)  # frozen: a no-op step
     release_freed_memory()
     with PeakRss() as memory:
         train_step_ms(model, optimizer, workload)  # warm-up; also allocates AdamW's state
@@ -213,23 +240,28 @@ def measure(method: str, workload: Workload, rank: int, steps: int) -> dict:
 
 
 def add_ratios(rows: list[dict]) -> None:
+    times = {row["method"]: row["step_ms_median"] for row in rows}
     for baseline, key in (("lora", "ratio_vs_lora"), ("spiel-style", "ratio_vs_spiel_style")):
-        reference = next((row["step_ms_median"] for row in rows if row["method"] == baseline), None)
         for row in rows:
-            row[key] = row["step_ms_median"] / reference if reference else None
+            row[key] = row["step_ms_median"] / times[baseline] if baseline in times else None
+    lora_overhead = times["lora"] - times["frozen"] if {"lora", "frozen"} <= times.keys() else None
+    for row in rows:
+        row["overhead_vs_lora"] = (row["step_ms_median"] - times["frozen"]) / lora_overhead if lora_overhead else None
 
 
 def markdown_table(rows: list[dict]) -> str:
     lines = [
-        "| method | trainable params | step ms (median) | ratio vs LoRA | ratio vs spiel-style | peak MiB |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| method | trainable params | step ms (median) | ratio vs LoRA | overhead vs LoRA | ratio vs spiel-style "
+        "| peak MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        label = "sft (ours)" if row["method"] == "sft" else row["method"]
-        vs_lora, vs_spiel = (f"{r:.2f}x" if r else "-" for r in (row["ratio_vs_lora"], row["ratio_vs_spiel_style"]))
+        label = f"{row['method']} (ours)" if row["method"] in ("sft", "s2ft") else row["method"]
+        ratios = (row["ratio_vs_lora"], row["overhead_vs_lora"], row["ratio_vs_spiel_style"])
+        vs_lora, overhead, vs_spiel = (f"{r:.2f}x" if r is not None else "-" for r in ratios)
         lines.append(
-            f"| {label} | {row['trainable_params']:,} | {row['step_ms_median']:.1f} | {vs_lora} | {vs_spiel} "
-            f"| {row['peak_mib']:.0f} |"
+            f"| {label} | {row['trainable_params']:,} | {row['step_ms_median']:.1f} | {vs_lora} | {overhead} "
+            f"| {vs_spiel} | {row['peak_mib']:.0f} |"
         )
     return "\n".join(lines)
 
