@@ -17,6 +17,7 @@ from transformers import LlamaForCausalLM
 
 from peft_sparse import FORMAT_VERSION, LiftConfig, SnellConfig, SoraConfig, SparseConfig, __version__
 from peft_sparse.format_version import installed_version
+from peft_sparse.sparse.compact_format import expand_tensors
 from tests.conftest import make_tied_llama, make_tiny_llama
 
 TARGETS = ["q_proj", "up_proj"]
@@ -44,7 +45,7 @@ def edited_copy(saved_dir: Path, target: Path, edit_tensors=None, edit_config=No
     target.mkdir(parents=True, exist_ok=True)
     config = json.loads((saved_dir / "adapter_config.json").read_text())
     (target / "adapter_config.json").write_text(json.dumps(edit_config(config) if edit_config else config))
-    tensors = load_file(saved_dir / WEIGHTS)
+    tensors = expand_tensors(load_file(saved_dir / WEIGHTS))  # format 2 index gaps -> indices, to edit them
     save_file(edit_tensors(tensors) if edit_tensors else tensors, target / WEIGHTS)
     return target
 
@@ -145,7 +146,7 @@ def newer_format(tmp_path, saved, track, monkeypatch):
     folder = edited_copy(
         saved["sparse"],
         tmp_path / "future",
-        edit_config=lambda config: {**config, "format_version": 2, "peft_sparse_version": "9.0.0"},
+        edit_config=lambda config: {**config, "format_version": FORMAT_VERSION + 1, "peft_sparse_version": "9.0.0"},
     )
     load(track(make_tiny_llama()), folder)
 
@@ -283,7 +284,8 @@ ROWS = [
     (
         "newer-format",
         ValueError,
-        rf"format_version 2 is newer than this peft_sparse {re.escape(__version__)} can read \(up to 1\); the "
+        rf"format_version {FORMAT_VERSION + 1} is newer than this peft_sparse {re.escape(__version__)} can read "
+        rf"\(up to {FORMAT_VERSION}\); the "
         r"adapter was written by peft_sparse 9\.0\.0: upgrade with `pip install -U peft-sparse`",
         newer_format,
     ),
