@@ -83,7 +83,8 @@ def train_adapter(model, tokenizer, adapter_name: str, skill: str, args: argpars
     """Train adapter ``adapter_name`` alone on ``skill``; returns the training seconds."""
     model.set_adapter(adapter_name)
     problems = skill_problems(skill, args.steps * args.batch_size, seed=args.seed)
-    settings = schedule_arguments(args) | {"learning_rate": learning_rate, "output_dir": f"{args.output_dir}/{adapter_name}"}
+    settings = schedule_arguments(args) | {"learning_rate": learning_rate,
+                                           "output_dir": f"{args.output_dir}/{adapter_name}"}  # fmt: skip
     trainer = Trainer(
         model=model, args=TrainingArguments(**settings, remove_unused_columns=False, disable_tqdm=True),
         train_dataset=[training_example(tokenizer, q, a) for q, a in problems],

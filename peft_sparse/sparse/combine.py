@@ -106,7 +106,8 @@ def union_aligned(indices: list[torch.Tensor], values: list[torch.Tensor]) -> tu
     """The sorted union of the index sets [u], and each set's values placed on it [n, u] (0 where it lacks one).
 
     Example:
-        >>> union_aligned([torch.tensor([1, 4]), torch.tensor([4, 7])], [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 5.0])])
+        >>> union_aligned([torch.tensor([1, 4]), torch.tensor([4, 7])],
+        ...               [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 5.0])])
         (tensor([1, 4, 7]), tensor([[1., 2., 0.],
                 [0., 3., 5.]]))
     """
@@ -125,7 +126,7 @@ def combine_sparse_deltas(
     density: Optional[float] = None,
     majority_sign_method: str = "total",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine one matrix's sparse deltas (sorted ``indices[i]`` [k_i], ``values[i]`` [k_i]) into ``(union [u], values [u])``.
+    """Combine one matrix's deltas (sorted ``indices[i]`` [k_i], ``values[i]`` [k_i]) into ``(union [u], values [u])``.
 
     Dare draws from torch's global generator, as peft does (seed it, or pass ``seed`` to ``add_weighted_adapter``).
 

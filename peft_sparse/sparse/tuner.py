@@ -155,14 +155,15 @@ class SparseDeltaTuner(AllOrNothingTuner):
         Entries that pruning zeroed stay in it, trainable. The sources are left unchanged.
 
         Example:
-            >>> model.add_weighted_adapter(["arith", "reverse"], [1.0, 1.0], "both")  # doctest: +SKIP
+            >>> model.add_weighted_adapter(["arith", "caps"], [1.0, 1.0], "both")  # doctest: +SKIP
             >>> model.set_adapter("both")  # doctest: +SKIP
         """
         check_weighted_adapter_arguments(
             self.peft_config, adapters, weights, adapter_name, combination_type, SPARSE_COMBINATION_TYPES, density,
             majority_sign_method,
         )  # fmt: skip
-        layers = [(name, layer) for name, layer in self.sparse_delta_layers() if set(adapters) & set(layer.delta_values)]
+        layers = [(name, layer) for name, layer in self.sparse_delta_layers()
+                  if set(adapters) & set(layer.delta_values)]  # fmt: skip
         check_same_modules({a: {name for name, layer in layers if a in layer.delta_values} for a in adapters})
         combined = {}
         with seeded_random(seed, layers[0][1].delta_values[adapters[0]].device):

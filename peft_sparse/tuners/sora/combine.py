@@ -33,7 +33,9 @@ SORA_COMBINATION_TYPES = ("cat", *FACTOR_MERGES, *DENSE_MERGES)
 def combined_rank(combination_type: str, ranks: list[int], svd_rank: Optional[int]) -> int:
     """Rank of the combined adapter; raise ValueError for unequal ranks where they must match, or a bad ``svd_rank``."""
     if svd_rank is not None and combination_type not in DENSE_MERGES:
-        raise ValueError(f"svd_rank is only used with combination_type in {tuple(DENSE_MERGES)}, got {combination_type!r}")
+        raise ValueError(
+            f"svd_rank is only used with combination_type in {tuple(DENSE_MERGES)}, got {combination_type!r}"
+        )
     if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank <= 0):
         raise ValueError(f"svd_rank must be a positive integer, got {svd_rank!r}")
     if combination_type == "cat":
@@ -64,7 +66,7 @@ def combine_sora_factors(
     density: Optional[float] = None,
     majority_sign_method: str = "total",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A [rank, in], B [out, rank])`` whose product is the combined delta, from ``(A_i, B_i diag(g_i), s_i)`` factors.
+    """``(A [rank, in], B [out, rank])`` with product the combined delta, from factors ``(A_i, B_i diag(g_i), s_i)``.
 
     Example:
         >>> a, b = torch.randn(2, 5), torch.randn(3, 2)
@@ -78,7 +80,8 @@ def combine_sora_factors(
         return new_a, torch.cat([gated_b for _, gated_b, _ in factors], dim=1)
     if combination_type in DENSE_MERGES:
         deltas = [(gated_b @ a) * s for a, gated_b, s in factors]  # [out, in]
-        delta = _merge(DENSE_MERGES[combination_type], deltas, torch.tensor(weights, device=device), density, majority_sign_method)
+        weight_tensor = torch.tensor(weights, device=device)
+        delta = _merge(DENSE_MERGES[combination_type], deltas, weight_tensor, density, majority_sign_method)
         u, singular_values, vh = torch.linalg.svd(delta, full_matrices=False)
         kept = min(rank, singular_values.numel())
         new_a = torch.zeros(rank, delta.shape[1], dtype=delta.dtype, device=device)
@@ -86,7 +89,8 @@ def combine_sora_factors(
         new_a[:kept], new_b[:, :kept] = vh[:kept], u[:, :kept] * singular_values[:kept]
         return new_a, new_b
     scaled = [w * s for (_, _, s), w in zip(factors, weights)]
-    weights_a = torch.tensor([math.copysign(math.sqrt(abs(x)), x) for x in scaled], device=device)  # the sign goes on A only
+    # the sign goes on A only
+    weights_a = torch.tensor([math.copysign(math.sqrt(abs(x)), x) for x in scaled], device=device)
     weights_b = torch.tensor([math.sqrt(abs(x)) for x in scaled], device=device)
     rule = FACTOR_MERGES[combination_type]
     new_a = _merge(rule, [a for a, _, _ in factors], weights_a, density, majority_sign_method)

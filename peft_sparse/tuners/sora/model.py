@@ -75,7 +75,7 @@ class SoraModel(AllOrNothingTuner):
         The sources are left unchanged.
 
         Example:
-            >>> model.add_weighted_adapter(["arith", "reverse"], [1.0, 1.0], "both", combination_type="cat")  # doctest: +SKIP
+            >>> model.add_weighted_adapter(["arith", "caps"], [1.0, 1.0], "both", "cat")  # doctest: +SKIP
         """
         check_weighted_adapter_arguments(
             self.peft_config, adapters, weights, adapter_name, combination_type, SORA_COMBINATION_TYPES, density,
@@ -99,7 +99,9 @@ class SoraModel(AllOrNothingTuner):
                     (layer.sora_A[a].float(), layer.sora_B[a].float() * layer.sora_gate[a].float(), layer.scaling[a])
                     for a in adapters
                 ]
-                new_a, new_b = combine_sora_factors(combination_type, factors, weights, rank, density, majority_sign_method)
+                new_a, new_b = combine_sora_factors(
+                    combination_type, factors, weights, rank, density, majority_sign_method
+                )
                 layer.sora_A[adapter_name].copy_(new_a)
                 layer.sora_B[adapter_name].copy_(new_b)
 
