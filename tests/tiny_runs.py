@@ -18,9 +18,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from peft import get_peft_model, get_peft_model_state_dict  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-from transformers import Trainer  # noqa: E402
+from transformers import Trainer, TrainerCallback  # noqa: E402
 
-from peft_sparse import LiftConfig, SnellConfig, SoraConfig, SparseConfig  # noqa: E402
+from peft_sparse import LiftConfig, S2ftConfig, SnellConfig, SoraConfig, SparseConfig  # noqa: E402
 from tests.conftest import make_tiny_llama  # noqa: E402
 from tests.test_trainer import repeating_sequences, training_args  # noqa: E402
 from trl_callbacks import (  # noqa: E402
@@ -35,14 +35,18 @@ TARGETS = ["q_proj", "down_proj"]  # 4 matrices: enough to test, fast
 # its gates in their own optimizer group (gate_lr 0.2, on the linear schedule as the rest);
 # SNELLA re-allocates at steps 2 and 4 from its importance EMAs. SaRA freezes its effective slots at
 # step 2 (kept in the checkpoint) under a nuclear-norm penalty; HFT freezes a new half at steps 0, 2, 4.
+# ID3 unmasks at steps 1 and 3 (half of its budget each), so the checkpoint holds masked slots.
+# S2FT has no selection steps (a plain TrainerCallback); its slices are columns of o_proj/down_proj, rows of gate_proj.
 METHODS = {
     "sparse-ag": (lambda: SparseConfig(target_modules=TARGETS, density=0.1, selection="ag", reselection_steps=2, selection_accumulation_steps=2, reselection_rate_schedule="constant"), SparseUpdateCallback),
     "sparse-ma": (lambda: SparseConfig(target_modules=TARGETS, density=0.1, selection="ma", reselection_steps=2, selection_accumulation_steps=2, reselection_rate_schedule="constant"), SparseUpdateCallback),
     "sparse-sara": (lambda: SparseConfig(target_modules=TARGETS, density=0.1, selection="sara", reselection_steps=2, nuclear_norm_weight=0.5), SparseUpdateCallback),
     "sparse-hft": (lambda: SparseConfig(target_modules=TARGETS, density=0.1, selection="hft", hft_granularity="entry", reselection_steps=2), SparseUpdateCallback),
+    "sparse-id3": (lambda: SparseConfig(target_modules=TARGETS, density=0.1, selection="id3", reselection_steps=2), SparseUpdateCallback),
     "lift": (lambda: LiftConfig(target_modules=TARGETS, density=0.1, rank=4, mask_update_interval=2), SparseUpdateCallback),
     "sora": (lambda: SoraConfig(target_modules=TARGETS, r=4, gate_lr=0.2, xi_schedule="linear", xi_start=0.01, xi_end=0.5), SoraCallback),
     "snella": (lambda: SnellConfig(target_modules=TARGETS, r=4, allocation="snella", sparsity=0.2, target_sparsity=0.8, allocation_interval=2), SnellAllocationCallback),
+    "s2ft": (lambda: S2ftConfig(num_heads=1, num_channels=8, ffn_input_modules=["gate_proj"]), TrainerCallback),
 }  # fmt: skip
 
 

@@ -30,7 +30,8 @@ class SparseUpdateCallback(LoggingCallback, CheckpointStateCallback):
     For LIFT adapters with ``mask_update_interval`` it recomputes the principal-weight mask at those steps.
     For SparseConfig ``selection="sara"``/``"hft"`` it chooses the frozen slots at train begin and every
     ``reselection_steps`` steps (kept in checkpoints), and before each optimizer step it adds the gradient
-    of the nuclear-norm penalty (``nuclear_norm_weight``) of one layer.
+    of the nuclear-norm penalty (``nuclear_norm_weight``) of one layer. For ``selection="id3"`` it
+    gathers D3 statistics in the backward of every unmasking step and unmasks before its optimizer step.
 
     Every Trainer log gets ``sparse/density`` (trainable entries over all entries of the adapted
     matrices) and ``sparse/churn``: the fraction of entries the selection steps since the previous
@@ -87,9 +88,18 @@ class SparseUpdateCallback(LoggingCallback, CheckpointStateCallback):
         for tuner, adapter_name, config in self._slot_freezing_adapters(model):
             if adapter_name not in self._resumed_frozen_slots:
                 tuner.update_frozen_slots(adapter_name, state.global_step)
+        self._maybe_open_unmasking_windows(model, state.global_step + 1, state.max_steps)
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+    def _maybe_open_unmasking_windows(self, model: nn.Module, next_step: int, max_steps: int) -> None:
         for tuner, adapter_name, config in self._active_adapters(model):
+            if getattr(config, "unmasks_incrementally", False) and tuner.unmasking_due(adapter_name, next_step, max_steps):
+                if not tuner.selection_window_open(adapter_name):
+                    tuner.open_selection_window(adapter_name)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        for tuner, adapter_name, config in self._active_adapters(model):
+            if getattr(config, "unmasks_incrementally", False) and tuner.selection_window_open(adapter_name):
+                tuner.unmask(adapter_name, state.global_step + 1, state.max_steps, optimizer)
             if getattr(config, "nuclear_norm_weight", 0):
                 tuner.add_nuclear_norm_gradient(adapter_name, state.global_step)
 
@@ -111,6 +121,7 @@ class SparseUpdateCallback(LoggingCallback, CheckpointStateCallback):
         for tuner, adapter_name, config in self._slot_freezing_adapters(model):
             if step % config.reselection_steps == 0:
                 tuner.update_frozen_slots(adapter_name, step)
+        self._maybe_open_unmasking_windows(model, step + 1, state.max_steps)
 
     def _queue_logs(self, adapter_name: str, statistics: dict[str, float]) -> None:
         prefix = "sparse" if adapter_name == "default" else f"sparse/{adapter_name}"

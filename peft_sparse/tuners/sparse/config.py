@@ -10,11 +10,13 @@ from peft.utils.peft_types import PeftType
 from ...config_base import check_choice, check_fraction, check_positive_int, check_type
 from ...sparse.config import SparseDeltaConfig
 
-SELECTIONS = ("ag", "ma", "random", "sara", "hft")
+SELECTIONS = ("ag", "ma", "random", "sara", "hft", "id3", "lt-sft")
 RATE_SCHEDULES = ("linear", "cosine", "constant")
 HFT_GRANULARITIES = ("matrix", "entry")
 # SaRA's reference fine-tuning command (lambda_rank)
 SARA_NUCLEAR_NORM_WEIGHT = 5e-4
+# ID3's reference implementation (selective-peft-toolkit, optimizers/id3.py): D3 = |grad| / (eps + |theta|) ** exp
+D3_EPSILON, D3_EXPONENT = 1e-8, 1.0
 
 
 @dataclass
@@ -45,10 +47,18 @@ class SparseConfig(SparseDeltaConfig):
             "column squared-gradient statistics) or 'random' (indices fixed at their random initial value). "
             "Fixed indices with frozen slots: 'sara' (the smallest |W0| of each matrix; at step reselection_steps the "
             "slots whose |W0 + delta| reached the largest selected |W0| freeze) or 'hft' (random indices; every "
-            "reselection_steps steps a new random half, of the matrices or of the entries, freezes)."
+            "reselection_steps steps a new random half, of the matrices or of the entries, freezes). "
+            "'id3': every slot starts masked (value 0, frozen); every reselection_steps steps (from the first) the "
+            "masked entries with the largest D3 score |grad| / (d3_epsilon + |W|) ** d3_exponent are unmasked, "
+            "linearly in the step, until the budget is reached at the last step (needs SparseUpdateCallback). "
+            "'lt-sft': fixed indices, the entries that moved most in a dense phase "
+            "(peft_sparse.sparse.lottery_ticket.LotteryTicket)."
         },
     )
-    reselection_steps: int = field(default=20, metadata={"help": "Optimizer steps between selection steps."})
+    reselection_steps: Optional[int] = field(
+        default=None,
+        metadata={"help": "Optimizer steps between selection steps. Default 20; 1 for selection='id3' (the paper's)."},
+    )
     selection_accumulation_steps: int = field(
         default=5,
         metadata={"help": "Optimizer steps before each selection step whose gradients feed the growth statistics."},
@@ -75,12 +85,25 @@ class SparseConfig(SparseDeltaConfig):
             "default) or half of each matrix's entries ('entry')."
         },
     )
+    d3_epsilon: Optional[float] = field(
+        default=None,
+        metadata={"help": f"selection='id3' only: epsilon of the D3 score, > 0. Default {D3_EPSILON}."},
+    )
+    d3_exponent: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": f"selection='id3' only: exponent of |W| in the D3 score (0: gradient only; -1: |W * grad|). "
+            f"Default {D3_EXPONENT}."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.SPARSE
         self._check_budget()
         check_choice("selection", self.selection, SELECTIONS)
+        if self.reselection_steps is None:
+            self.reselection_steps = 1 if self.selection == "id3" else 20
         check_positive_int("reselection_steps", self.reselection_steps)
         check_positive_int("selection_accumulation_steps", self.selection_accumulation_steps)
         if not self.freezes_slots and self.selection_accumulation_steps > self.reselection_steps:  # no window
@@ -93,6 +116,25 @@ class SparseConfig(SparseDeltaConfig):
         if isinstance(self.init_seed, bool) or not isinstance(self.init_seed, int) or self.init_seed < 0:
             raise ValueError(f"init_seed must be a non-negative integer, got {self.init_seed!r}")
         self._check_frozen_slot_rules()
+        self._check_d3_score()
+
+    def _check_d3_score(self) -> None:
+        if self.selection != "id3":
+            for name in ("d3_epsilon", "d3_exponent"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"{name} applies to selection='id3' only, got {name}={getattr(self, name)!r} "
+                        f"with selection={self.selection!r}"
+                    )
+            return
+        if self.d3_epsilon is None:
+            self.d3_epsilon = D3_EPSILON
+        if self.d3_exponent is None:
+            self.d3_exponent = D3_EXPONENT
+        check_type("d3_epsilon", self.d3_epsilon, (int, float), "a positive number")
+        if not self.d3_epsilon > 0:
+            raise ValueError(f"d3_epsilon must be a positive number, got {self.d3_epsilon!r}")
+        check_type("d3_exponent", self.d3_exponent, (int, float), "a number")
 
     def _check_frozen_slot_rules(self) -> None:
         if self.nuclear_norm_weight is None:
@@ -131,5 +173,10 @@ class SparseConfig(SparseDeltaConfig):
 
     @property
     def freezes_slots(self) -> bool:
-        """Whether some slots keep their value while the others train (SaRA, HFT)."""
-        return self.selection in ("sara", "hft")
+        """Whether some slots keep their value while the others train (SaRA, HFT; ID3's masked slots)."""
+        return self.selection in ("sara", "hft", "id3")
+
+    @property
+    def unmasks_incrementally(self) -> bool:
+        """Whether masked slots are unmasked step by step until the budget is reached (ID3)."""
+        return self.selection == "id3"

@@ -1,5 +1,7 @@
 """The sparse fine-tuning tuner: random initial indices, prune/regrow by AG or MA statistics; SaRA and HFT
-keep their indices and freeze some slots instead (:mod:`peft_sparse.sparse.frozen_slots`)."""
+keep their indices and freeze some slots instead (:mod:`peft_sparse.sparse.frozen_slots`); ID3 unmasks its
+frozen zero slots step by step (:mod:`peft_sparse.sparse.incremental_unmasking`); LT-SFT's indices come
+from a dense phase (:mod:`peft_sparse.sparse.lottery_ticket`)."""
 
 from __future__ import annotations
 
@@ -8,11 +10,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ...quantization import dequantized_weight, weight_matrix_shape
+from ...quantization import dequantized_weight, quantization_of, weight_matrix_shape
 from ...sparse.frozen_slots import FrozenSlots, random_half, slots_above_threshold
+from ...sparse.incremental_unmasking import D3Growth, unmasked_count
 from ...sparse.indices import layer_seed, random_unique_indices
 from ...sparse.layer import SparseDeltaLayer
 from ...sparse.nuclear_norm import nuclear_norm_gradient
+from ...sparse.optimizer_state import remap_optimizer_state
 from ...sparse.selection import (
     AccumulatedGradientGrowth, GrowthStatistics, MomentumApproximationGrowth, smallest_weight_indices,
 )  # fmt: skip
@@ -39,6 +43,12 @@ class SparseModel(SparseDeltaTuner):
     def _initial_indices(self, config: SparseConfig, base_layer: nn.Module, count: int, module_name: str):
         if config.selection == "sara":  # a 4-bit/8-bit weight is dequantized for this choice only
             return smallest_weight_indices(dequantized_weight(base_layer), count)
+        if config.selection == "lt-sft" and quantization_of(base_layer) is not None:
+            raise ValueError(
+                f"selection='lt-sft' trains the target weights densely before choosing its entries, which a "
+                f"bitsandbytes {quantization_of(base_layer)} weight cannot do (module '{module_name}'); on a quantized "
+                "base use selection='ag' (entries chosen from accumulated gradients, no dense phase)"
+            )
         rows, cols = weight_matrix_shape(base_layer)
         return random_unique_indices(rows * cols, count, layer_seed(config.init_seed, module_name))
 
@@ -50,6 +60,16 @@ class SparseModel(SparseDeltaTuner):
             return AccumulatedGradientGrowth(indices, layer.weight_shape, num_candidates=indices.numel())
         if config.selection == "ma":
             return MomentumApproximationGrowth(indices, layer.weight_shape)
+        if config.selection == "id3":
+            values = layer.delta_values[adapter_name]
+            masked = next(f for f in self._frozen_slots[adapter_name].values() if f.values is values).positions
+            unmasked = torch.ones(indices.numel(), dtype=torch.bool, device=indices.device)
+            unmasked[masked] = False
+            base = layer.get_base_layer()
+            return D3Growth(
+                indices[unmasked], layer.weight_shape, lambda: dequantized_weight(base), config.d3_epsilon,
+                config.d3_exponent, num_candidates=indices.numel(),
+            )  # fmt: skip
         return None
 
     # --- frozen slots (SaRA, HFT) and SaRA's nuclear-norm penalty ---------------------------------
@@ -72,6 +92,10 @@ class SparseModel(SparseDeltaTuner):
             self._freeze(adapter_name, hft_frozen_positions(config, adapter_name, layers, step))
         elif config.selection == "sara" and step == config.reselection_steps:
             self._freeze(adapter_name, {name: sara_effective_slots(layer, adapter_name) for name, layer in layers})
+        elif config.selection == "id3" and adapter_name not in self._frozen_slots:  # ID3 starts all masked
+            for _, layer in layers:
+                layer.delta_values[adapter_name].data.zero_()
+            self._freeze(adapter_name, {name: torch.arange(layer.num_values(adapter_name)) for name, layer in layers})
 
     def _freeze(self, adapter_name: str, positions: dict[str, torch.Tensor]) -> None:
         self.release_frozen_slots(adapter_name)
@@ -96,6 +120,53 @@ class SparseModel(SparseDeltaTuner):
         if unknown:
             raise ValueError(f"frozen slots for layers this adapter does not have: {unknown[:3]}")
         self._freeze(adapter_name, state)
+
+    # --- ID3: incremental unmasking ------------------------------------------------------------
+
+    def unmasking_due(self, adapter_name: str, step: int, max_steps: int) -> bool:
+        """Whether optimizer step ``step`` (1-based) unmasks: steps 1, 1 + r, 1 + 2r, ... while slots are masked."""
+        config = self.peft_config[adapter_name]
+        masked = any(frozen.positions.numel() for frozen in self._frozen_slots.get(adapter_name, {}).values())
+        return masked and step <= max_steps and (step - 1) % config.reselection_steps == 0
+
+    @torch.no_grad()
+    def unmask(
+        self, adapter_name: str, step: int, max_steps: int, optimizer: Optional[torch.optim.Optimizer] = None
+    ) -> None:
+        """ID3 at optimizer step ``step`` (after backward, before the optimizer step): unmask the best D3 scores.
+
+        Each layer reaches ``unmasked_count(k, step + r - 1, max_steps)`` unmasked slots (r =
+        ``reselection_steps``). A chosen entry takes a masked slot (its own, if it has one); the new
+        slots get the step's gradient, so the optimizer step that follows trains them already, as the
+        reference does. The optimizer state follows the slots; new slots start at zero.
+        """
+        config = self.peft_config[adapter_name]
+        self.synchronize_selection_statistics(adapter_name)
+        window = self._window_statistics.pop(adapter_name, {})
+        masked_positions = {}
+        for name, layer in self._adapter_layers(adapter_name):
+            layer.gradient_observers.pop(adapter_name, None)
+            values, masked = layer.delta_values[adapter_name], self._frozen_slots[adapter_name][name].positions
+            target = unmasked_count(values.numel(), step + config.reselection_steps - 1, max_steps)
+            grown, gradient = window[name].grow_with_gradients(max(0, target - (values.numel() - masked.numel())))
+            masked_positions[name] = self._unmask_layer(layer, adapter_name, masked, grown, gradient, optimizer)
+        self._freeze(adapter_name, masked_positions)
+
+    def _unmask_layer(self, layer, adapter_name, masked, grown, gradient, optimizer) -> torch.Tensor:
+        """Give masked slots the ``grown`` indices with their ``gradient``; returns the slots still masked."""
+        values, indices = layer.delta_values[adapter_name], layer.delta_indices[adapter_name]
+        masked = masked.to(indices.device)
+        own = torch.isin(indices[masked], grown)  # chosen entries that a masked slot already holds
+        elsewhere = grown[~torch.isin(grown, indices[masked])]
+        freed = masked[~own][: elsewhere.numel()]
+        old_gradient = torch.zeros_like(values) if values.grad is None else values.grad
+        source_positions = layer.replace_indices(adapter_name, freed, elsewhere)
+        if optimizer is not None:
+            remap_optimizer_state(optimizer, values, source_positions)
+        new_gradient = torch.where(source_positions >= 0, old_gradient[source_positions.clamp(min=0)], 0.0)
+        new_gradient[torch.searchsorted(indices.long(), grown.long())] = gradient.to(new_gradient)
+        values.grad = new_gradient
+        return torch.nonzero(torch.isin(source_positions, masked[~own][elsewhere.numel() :])).flatten()
 
     def add_nuclear_norm_gradient(self, adapter_name: str, step: int) -> None:
         """Add ``nuclear_norm_weight * d||delta||_*/d values`` of one layer (layer ``step mod L``, in order) to its gradient.
