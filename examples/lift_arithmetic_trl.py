@@ -7,6 +7,10 @@ general text (GSM8K questions; a forgetting measure). Runs offline on the embedd
     python examples/lift_arithmetic_trl.py --method lift --steps 80
     python examples/lift_arithmetic_trl.py --method lora --learning-rate 1e-3
     python examples/lift_arithmetic_trl.py --method sft --learning-rate 1e-3 --dtype bfloat16 --exact-delta
+    python examples/lift_arithmetic_trl.py --method lt-sft --learning-rate 1e-3 --dense-steps 20
+
+LT-SFT first trains the adapted matrices densely for ``--dense-steps`` (full fine-tuning's memory), then
+trains its drawn entries for ``--steps``.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ from arithmetic_task import (
     read_general_texts, schedule_arguments, text_loss,
 )  # fmt: skip
 from peft_sparse import LiftConfig, S2ftConfig, SparseConfig
+from peft_sparse.sparse.lottery_ticket import LotteryTicket
 from trl_callbacks import SparseUpdateCallback
 
-METHODS = ("lift", "sft", "lora", "full", "sara", "hft", "s2ft")
+METHODS = ("lift", "sft", "lora", "full", "sara", "hft", "s2ft", "id3", "lt-sft")
 
 
 def lora_equivalent_count(model: nn.Module, rank: int) -> int:
@@ -45,7 +50,8 @@ def prepare(
     """(model to train, callbacks) for ``method`` at LoRA rank ``budget_rank``'s budget.
 
     SaRA adjusts its trainable slots once, halfway through the ``steps`` (its reference run: 2500 of
-    5000); HFT re-chooses its frozen half every quarter of the run.
+    5000); HFT re-chooses its frozen half every quarter of the run. ID3 unmasks at every step, reaching
+    its budget at the last; LT-SFT's indices are drawn by ``run_dense_phase`` before training.
     """
     if method == "full":
         return model, []
@@ -60,6 +66,10 @@ def prepare(
         config = SparseConfig(num_tunable_weights=lora_equivalent_count(model, budget_rank),
                               delta_in_place=delta_in_place, target_modules="all-linear", task_type="CAUSAL_LM")
         return get_peft_model(model, config), [SparseUpdateCallback()]
+    if method in ("id3", "lt-sft"):
+        config = SparseConfig(num_tunable_weights=lora_equivalent_count(model, budget_rank), selection=method,
+                              delta_in_place=delta_in_place, target_modules="all-linear", task_type="CAUSAL_LM")
+        return get_peft_model(model, config), [SparseUpdateCallback()] if method == "id3" else []
     if method in ("sara", "hft"):
         interval = max(1, steps // 2 if method == "sara" else steps // 4)
         config = SparseConfig(num_tunable_weights=lora_equivalent_count(model, budget_rank), selection=method,
@@ -72,6 +82,17 @@ def prepare(
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
+def run_dense_phase(model: nn.Module, tokenizer, args: argparse.Namespace) -> None:
+    """LT-SFT: ``args.dense_steps`` of dense training of the adapted matrices, then draw the adapter's entries."""
+    ticket = LotteryTicket(model)
+    dense = argparse.Namespace(**{**vars(args), "steps": args.dense_steps, "learning_rate": args.dense_learning_rate})
+    train_set = conversational_dataset(arithmetic_problems(args.dense_steps * args.batch_size, seed=args.seed + 1))
+    with ticket.dense_phase():
+        SFTTrainer(model=model, args=SFTConfig(**schedule_arguments(dense)), train_dataset=train_set,
+                   processing_class=tokenizer).train()  # fmt: skip
+    ticket.draw()
+
+
 def train_and_evaluate(args: argparse.Namespace) -> dict:
     """Train one method with SFTTrainer and return its scores (before/after exact match, general-text loss)."""
     model, tokenizer, eval_problems, before = load_and_score(args)
@@ -80,6 +101,10 @@ def train_and_evaluate(args: argparse.Namespace) -> dict:
 
     model, callbacks = prepare(args.method, model, args.budget_rank, args.lift_rank, args.mask_update_interval,
                                delta_in_place=not args.exact_delta, steps=args.steps)
+    dense_started = time.perf_counter()
+    if args.method == "lt-sft":
+        run_dense_phase(model, tokenizer, args)
+    dense_seconds = time.perf_counter() - dense_started
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     train_set = conversational_dataset(arithmetic_problems(args.steps * args.batch_size, seed=args.seed))
     training_args = SFTConfig(**schedule_arguments(args))
@@ -93,6 +118,7 @@ def train_and_evaluate(args: argparse.Namespace) -> dict:
     general_after = text_loss(model, tokenizer, general_texts) if general_texts else None
     return {
         "method": args.method, "trainable_params": trainable, "train_seconds": round(train_seconds, 1),
+        "dense_phase_seconds": round(dense_seconds, 1),
         "exact_match_before": before["exact_match"], "exact_match": after["exact_match"],
         "answer_loss_before": before["answer_loss"], "answer_loss": after["answer_loss"],
         "general_loss_rise": None if general_before is None else general_after - general_before,
@@ -107,6 +133,9 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget-rank", type=int, default=16, help="LoRA rank whose parameter count all adapters get")
     parser.add_argument("--lift-rank", type=int, default=128, help="rank of LIFT's low-rank approximation")
     parser.add_argument("--mask-update-interval", type=int, default=None, help="LIFT mask refresh (steps)")
+    parser.add_argument("--dense-steps", type=int, default=20, help="LT-SFT: steps of its dense phase")
+    parser.add_argument("--dense-learning-rate", type=float, default=2e-5,
+                        help="LT-SFT: learning rate of its dense phase (full fine-tuning's)")
     parser.add_argument("--exact-delta", action="store_true",
                         help="LIFT/SFT: delta_in_place=False, apply the delta as a separate sparse term summed in fp32 "
                         "(the forward sees W0 + delta exactly, not round(W0 + delta) on a bf16 base; slower)")

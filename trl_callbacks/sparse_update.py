@@ -92,9 +92,10 @@ class SparseUpdateCallback(LoggingCallback, CheckpointStateCallback):
 
     def _maybe_open_unmasking_windows(self, model: nn.Module, next_step: int, max_steps: int) -> None:
         for tuner, adapter_name, config in self._active_adapters(model):
-            if getattr(config, "unmasks_incrementally", False) and tuner.unmasking_due(adapter_name, next_step, max_steps):
-                if not tuner.selection_window_open(adapter_name):
-                    tuner.open_selection_window(adapter_name)
+            if not getattr(config, "unmasks_incrementally", False) or tuner.selection_window_open(adapter_name):
+                continue
+            if tuner.unmasking_due(adapter_name, next_step, max_steps):
+                tuner.open_selection_window(adapter_name)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         for tuner, adapter_name, config in self._active_adapters(model):
