@@ -19,20 +19,22 @@ import torch.distributed as dist  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 
-from peft_sparse import LiftConfig, SnellConfig, SoraConfig, SparseConfig  # noqa: E402
+from peft_sparse import LiftConfig, S2ftConfig, SnellConfig, SoraConfig, SparseConfig  # noqa: E402
 from peft_sparse.sparse.distributed import full_tensor  # noqa: E402
 from tests.conftest import VOCAB_SIZE, make_tiny_llama  # noqa: E402
 
 STEPS = 4
 GLOBAL_BATCH = 4
 TARGETS = ["q_proj", "down_proj"]
-# SFT opens its statistics window after step 2 and selects at step 4; LIFT refreshes at steps 2 and 4
+# SFT opens its statistics window after step 2 and selects at step 4; LIFT refreshes at steps 2 and 4;
+# S2FT's slices (columns of o_proj/down_proj, rows of gate_proj) are sharded like any other values
 METHODS = {
     "sparse-ag": lambda **kwargs: SparseConfig(target_modules=TARGETS, density=0.1, selection="ag", reselection_steps=4, selection_accumulation_steps=2, **kwargs),
     "sparse-ma": lambda **kwargs: SparseConfig(target_modules=TARGETS, density=0.1, selection="ma", reselection_steps=4, selection_accumulation_steps=2, **kwargs),
     "lift": lambda **kwargs: LiftConfig(target_modules=TARGETS, density=0.1, rank=4, mask_update_interval=2, **kwargs),
     "sora": lambda **kwargs: SoraConfig(target_modules=TARGETS, r=4, **kwargs),
     "snell": lambda **kwargs: SnellConfig(target_modules=TARGETS, r=4, sparsity=0.5, init_weights=False, **kwargs),
+    "s2ft": lambda **kwargs: S2ftConfig(num_heads=1, num_channels=8, ffn_input_modules=["gate_proj"], **kwargs),
 }  # fmt: skip
 
 

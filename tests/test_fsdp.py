@@ -66,7 +66,7 @@ def single_process_group(tmp_path):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("method", ["sparse-ag", "lift"])
+@pytest.mark.parametrize("method", ["sparse-ag", "lift", "s2ft"])
 def test_a_sharded_layer_takes_the_additive_path_and_never_writes_its_weight(single_process_group, method, input_ids):
     model = get_peft_model(make_tiny_llama(), METHODS[method](init_weights=False))
     with torch.no_grad():
