@@ -158,6 +158,88 @@ def test_an_unreachable_lora_rank_budget_is_a_clear_error():
         get_peft_model(make_tiny_llama(), S2ftConfig(lora_rank_budget=64))
 
 
+# --- bitsandbytes bases --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llama")
+    make_tiny_llama().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+@pytest.mark.parametrize("axis", [ROWS, COLUMNS])
+def test_quantized_base_gives_the_dequantized_weight_plus_the_slice(quantization, axis):
+    """4-bit: output and slice gradient match ``F.linear`` on the dequantized weight + slice. 8-bit also
+    quantizes activations (base off by ~1e-2), so there the slice term itself must be exact."""
+    pytest.importorskip("bitsandbytes")
+    from peft_sparse.quantization import dequantized_weight
+    from peft_sparse.tuners.s2ft.layer import QuantizedS2ftLinear
+    from tests.test_quantized import quantized_linear
+
+    base = quantized_linear(quantization)  # [48, 64]
+    indices = slice_indices(axis, torch.tensor([2, 7, 30]), (48, 64))
+    layer = QuantizedS2ftLinear(base, "default", indices)
+    randomize_values(layer, scale=0.05)
+    inputs = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(2))
+    output = layer(inputs)
+    output.square().sum().backward()
+
+    delta = layer.get_delta_weight("default")
+    reference_weight = (dequantized_weight(base) + delta).requires_grad_()
+    reference = F.linear(inputs, reference_weight, base.bias)
+    reference.square().sum().backward()
+    with torch.no_grad():
+        torch.testing.assert_close(output - base(inputs), inputs @ delta.T, rtol=1e-5, atol=1e-5)
+    if quantization == "int8":
+        torch.testing.assert_close(output, reference, rtol=0, atol=5e-2)
+        return
+    torch.testing.assert_close(output, reference, rtol=1e-5, atol=1e-5)
+    expected_grad = reference_weight.grad.view(-1)[indices.long()]
+    torch.testing.assert_close(layer.s2ft_values["default"].grad, expected_grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_s2ft_trains_on_a_quantized_model_and_never_writes_its_weights(tiny_llama_dir, quantization):
+    pytest.importorskip("bitsandbytes")
+    from peft_sparse.tuners.s2ft.layer import QuantizedS2ftLinear
+    from tests.test_quantized import load_quantized
+
+    config = S2ftConfig(num_heads=1, num_channels=8, **COUPLED)
+    model = get_peft_model(load_quantized(tiny_llama_dir, quantization), config)
+    layers = dict(model.base_model.sparse_delta_layers())
+    assert len(layers) == 8 and all(isinstance(layer, QuantizedS2ftLinear) for layer in layers.values())
+    packed = {name: layer.get_base_layer().weight.data.clone() for name, layer in layers.items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for step in range(3):  # 2 optimizer steps, then the loss after them
+        loss = model(input_ids=ids, labels=ids).loss
+        losses.append(loss.item())
+        if step < 2:
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert losses[2] < losses[1] < losses[0]
+    assert all(torch.equal(layer.get_base_layer().weight.data, packed[name]) for name, layer in layers.items())
+
+
+def test_merge_on_a_quantized_base_is_refused_and_changes_nothing(tiny_llama_dir):
+    pytest.importorskip("bitsandbytes")
+    from tests.test_quantized import MERGE_ERROR, load_quantized
+
+    model = get_peft_model(load_quantized(tiny_llama_dir, "nf4"), S2ftConfig(num_heads=1, num_channels=8))
+    randomize_values(model)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    adapted = logits_of(model, ids)
+    with pytest.raises(ValueError, match=MERGE_ERROR):
+        model.merge_and_unload()
+    with pytest.raises(ValueError, match=MERGE_ERROR):
+        model.merge_adapter()
+    assert torch.equal(logits_of(model, ids), adapted)
+
+
 # --- round trips ----------------------------------------------------------------------------------
 
 CHILD_LOAD = textwrap.dedent(
