@@ -24,7 +24,9 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from arithmetic_task import arithmetic_problems, evaluate, load_model_and_tokenizer, pad_batch, training_example  # noqa: E402
+from arithmetic_task import (  # noqa: E402
+    arithmetic_problems, evaluate, load_model_and_tokenizer, pad_batch, training_example,
+)  # fmt: skip
 from benchmark_metadata import run_metadata, write_text_atomically  # noqa: E402
 
 import peft_sparse  # noqa: E402
@@ -100,8 +102,9 @@ def main() -> None:
         started = time.perf_counter()
         peft_sparse.breadcrumbs_merge_adapters(model, ["default"], [1.0], "breadcrumbs", beta=beta, gamma=gamma)
         model.set_adapter("breadcrumbs")
+        size = sparse_adapter_size(model, "breadcrumbs", scratch)
         rows.append(scored_row(f"Breadcrumbs beta={beta} gamma={gamma}", model, tokenizer, problems, started,
-                               beta=beta, gamma=gamma, **sparse_adapter_size(model, "breadcrumbs", scratch)))  # fmt: skip
+                               beta=beta, gamma=gamma, **size))  # fmt: skip
 
     write_text_atomically(RESULTS, json.dumps(
         {"rows": rows, "adapter": str(args.adapter), "eval_problems": args.eval_problems, **run_metadata()}, indent=2
@@ -111,7 +114,8 @@ def main() -> None:
     for row in rows:
         errors = f"{row['mean_relative_error']:.3f} / {row['max_relative_error']:.3f}" if "rank" in row else ""
         logit = f"{row['max_logit_error']:.2f}" if "rank" in row else ""
-        print(f"| {row['tool']} | {row['values']:,} | {row['bytes']:,} | {row['exact_match']:.1%} | {errors} | {logit} |")
+        print(f"| {row['tool']} | {row['values']:,} | {row['bytes']:,} | {row['exact_match']:.1%} | {errors} "
+              f"| {logit} |")
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def compress_adapter(
     adapter_name: str = "default",
     compressed_name: str = "compressed",
 ) -> None:
-    """Add adapter ``compressed_name``: ComPEFT of ``adapter_name`` at ``density`` per layer (see :func:`ternary_compress`).
+    """Add adapter ``compressed_name``: ComPEFT of ``adapter_name`` at ``density`` (see :func:`ternary_compress`).
 
     The new adapter has the source's method and ``round(density * entries)`` values per layer, all
     ``+-scale`` (or 0 where the source had fewer non-zero entries); ``modules_to_save`` are not carried.

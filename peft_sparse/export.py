@@ -110,7 +110,7 @@ def write_lora_folder(lora_config: LoraConfig, tensors: dict[str, torch.Tensor],
 
 
 def saved_modules_besides(model: PeftModel, adapter_name: str, layer_names: list[str]) -> dict[str, torch.Tensor]:
-    """The adapter's saved tensors outside the adapter layers ``layer_names`` (``modules_to_save``), by checkpoint key."""
+    """The adapter's saved tensors outside the layers ``layer_names`` (``modules_to_save``), by checkpoint key."""
     layer_keys = tuple(f"{CHECKPOINT_PREFIX}{name}." for name in layer_names)
     saved = get_peft_model_state_dict(model, adapter_name=adapter_name)
     return {key: value for key, value in saved.items() if not key.startswith(layer_keys)}

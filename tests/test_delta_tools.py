@@ -158,5 +158,5 @@ def test_breadcrumbs_refuses_adapters_on_different_layers():
 
 def test_tools_refuse_a_model_without_sparse_delta_adapters():
     model = get_peft_model(make_tiny_llama(), SoraConfig(r=2))
-    with pytest.raises(ValueError, match="model must be a PeftModel with SparseConfig or LiftConfig adapters, got SoraModel"):
+    with pytest.raises(ValueError, match="must be a PeftModel with SparseConfig or LiftConfig adapters, got SoraModel"):
         compress_adapter(model, density=0.1)
