@@ -21,6 +21,7 @@ METHODS: tuple[tuple[str, str, str, str], ...] = (
     ("SORA", "peft_sparse.tuners.sora", "SoraConfig", "SoraModel"),
     ("SNELL", "peft_sparse.tuners.snell", "SnellConfig", "SnellModel"),
     ("S2FT", "peft_sparse.tuners.s2ft", "S2ftConfig", "S2ftModel"),
+    ("ROSA", "peft_sparse.tuners.rosa", "RosaConfig", "RosaModel"),
 )
 
 for _name, *_ in METHODS:
