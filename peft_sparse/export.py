@@ -1,7 +1,8 @@
 """Export adapters as stock peft LoRA adapters (load without peft_sparse: vLLM, TGI, LoRAX, plain peft).
 
-SoRA exports exactly (:func:`export_sora_to_lora`); any other adapter through a truncated SVD of
-each layer's delta (:func:`export_to_lora`).
+SoRA and S2FT export exactly (:func:`export_sora_to_lora`,
+:func:`~peft_sparse.tuners.s2ft.export.export_s2ft_to_lora`); any other adapter through a truncated
+SVD of each layer's delta (:func:`export_to_lora`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import uuid
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from peft import LoraConfig, PeftModel
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .config_base import check_fraction, check_positive_int
 from .delta_tools import adapter_layers
+from .tuners.s2ft import S2ftModel
 from .tuners.sora import SoraModel
 
 CHECKPOINT_PREFIX = "base_model.model."
@@ -152,8 +154,8 @@ def export_to_lora(
     global ``lora_alpha`` equals the global ``r`` too). Give exactly one of ``rank`` (at most r
     components per layer) or ``energy`` (per layer, the fewest components keeping that fraction of
     the delta's squared Frobenius norm). Components below the numerical rank's tolerance are never
-    kept, so a delta of rank <= r exports exactly; a zero delta leaves its layer out. SoRA adapters
-    export exactly (:func:`export_sora_to_lora`, no ``rank``/``energy``). ``sample_inputs``: keyword
+    kept, so a delta of rank <= r exports exactly; a zero delta leaves its layer out. SoRA and S2FT
+    adapters export exactly (their own exporters, no ``rank``/``energy``). ``sample_inputs``: keyword
     inputs of one batch on which the logits of the adapter and of the export are compared.
 
     Example:
@@ -170,13 +172,15 @@ def export_to_lora(
             f"sample_inputs compare adapter '{adapter_name}' alone, but the active adapters are "
             f"{model.active_adapters}; call model.set_adapter('{adapter_name}') first"
         )
-    if isinstance(model.base_model, SoraModel):
+    exact_export = _exact_export(model)
+    if exact_export is not None:
+        method_with_article, export_exactly = exact_export
         if rank is not None or energy is not None:
             raise ValueError(
-                f"rank and energy do not apply to a SoRA adapter, whose export is exact; leave both unset "
-                f"(got rank={rank!r}, energy={energy!r})"
+                f"rank and energy do not apply to {method_with_article} adapter, whose export is exact; leave both "
+                f"unset (got rank={rank!r}, energy={energy!r})"
             )
-        out_dir = export_sora_to_lora(model, out_dir, adapter_name)
+        out_dir = export_exactly(model, out_dir, adapter_name)
     else:
         if (rank is None) == (energy is None):
             raise ValueError(f"give exactly one of rank or energy, got rank={rank!r}, energy={energy!r}")
@@ -197,6 +201,17 @@ def export_to_lora(
         max_logit_error = _max_logit_error(model, adapter_name, exported, sample_inputs)
     ranks = {name: a.shape[0] for name, (a, _) in factors.items()}
     return LoraExport(Path(out_dir), ranks, relative_errors, max_logit_error)
+
+
+def _exact_export(model: PeftModel) -> Optional[tuple[str, Callable[[PeftModel, Path, str], Path]]]:
+    """``(method with its article, exporter)`` for the adapters whose LoRA export is exact (SoRA, S2FT), else None."""
+    from .tuners.s2ft.export import export_s2ft_to_lora  # that module imports this one
+
+    if isinstance(model.base_model, SoraModel):
+        return "a SoRA", export_sora_to_lora
+    if isinstance(model.base_model, S2ftModel):
+        return "an S2FT", export_s2ft_to_lora
+    return None
 
 
 @torch.no_grad()

@@ -375,6 +375,19 @@ def test_lora_export_factors_are_identity_rows_and_the_slice(tmp_path):
         export_s2ft_to_lora(make_tiny_llama(), tmp_path / "x")
 
 
+def test_generic_export_to_lora_takes_the_exact_s2ft_export(tmp_path, input_ids):
+    from peft_sparse.export import export_to_lora
+
+    model = s2ft_model(**COUPLED)
+    with pytest.raises(ValueError, match="rank and energy do not apply to an S2FT adapter, whose export is exact"):
+        export_to_lora(model, tmp_path / "lora", rank=4)
+    report = export_to_lora(model, tmp_path / "lora", sample_inputs={"input_ids": input_ids})
+    layers = model.base_model.sparse_delta_layers()
+    widths = {name: layer.weight_slice("default").positions.numel() for name, layer in layers}
+    assert report.ranks == widths  # one rank per selected column or row: 8 (a head of 8, 8 channels)
+    assert max(report.relative_errors.values()) < 1e-6 and report.max_logit_error < 1e-5
+
+
 # --- config errors --------------------------------------------------------------------------------
 
 
