@@ -26,6 +26,7 @@ from .quantization import weight_matrix_shape
 from .sparse.compact_format import expand_tensors
 from .sparse.layer import SparseDeltaLinear
 from .tuners.lift import LiftDeltaLinear
+from .tuners.rosa import RosaLinear
 from .tuners.s2ft import S2ftLinear
 from .tuners.snell.layer import SnellLayer
 from .tuners.sora.layer import SoraLayer
@@ -116,9 +117,19 @@ def _snell_layer(name: str, tensors: dict[str, torch.Tensor]) -> LayerSummary:
     )
 
 
+def _rosa_layer(name: str, tensors: dict[str, torch.Tensor]) -> LayerSummary:
+    """The sparse part as SFT's (``kept``: its values), plus the LoRA part's A [r, in] and B [out, r]."""
+    layer = _sparse_delta_layer(name, tensors, RosaLinear)
+    weight_a, weight_b = tensors["rosa_A"], tensors["rosa_B"]
+    layer.trainable += weight_a.numel() + weight_b.numel()
+    layer.rank = weight_a.shape[0]
+    return layer
+
+
 # The layer class of each method names its saved tensors.
 LAYER_CLASSES = {
     "SPARSE": SparseDeltaLinear, "LIFT": LiftDeltaLinear, "S2FT": S2ftLinear, "SORA": SoraLayer, "SNELL": SnellLayer,
+    "ROSA": RosaLinear,
 }
 
 
@@ -127,6 +138,8 @@ def _read_layer(method: str, name: str, tensors: dict[str, torch.Tensor]) -> Lay
         return _sora_layer(name, tensors)
     if method == "SNELL":
         return _snell_layer(name, tensors)
+    if method == "ROSA":
+        return _rosa_layer(name, tensors)
     return _sparse_delta_layer(name, tensors, LAYER_CLASSES[method])
 
 
@@ -251,6 +264,12 @@ COLUMNS = {
         ("kept entries", lambda layer: f"{layer.kept:,}"),
         ("density", lambda layer: _percent(layer.density)),
     ),
+    "ROSA": (
+        ("LoRA rank", lambda layer: str(layer.rank)),
+        ("sparse values", lambda layer: f"{layer.kept:,}"),
+        ("sparse density", lambda layer: _percent(layer.density)),
+        ("trainable", lambda layer: f"{layer.trainable:,}"),
+    ),
 }
 
 
@@ -289,6 +308,12 @@ def budget_text(summary: AdapterSummary) -> str:
         live = sum(layer.live_rank for layer in summary.layers)
         total = sum(layer.rank for layer in summary.layers)
         return f"rank {config.r} per layer, gated; live rank {live} of {total} over all layers"
+    if method == "ROSA":
+        if config.density is not None:
+            budget = f"density {config.density:g} of each target matrix"
+        else:
+            budget = f"{config.num_tunable_weights:,} weights over all target matrices"
+        return f"LoRA rank {config.r} plus a sparse part of {budget}; mask rule '{config.mask_rule}'"
     sparsity = f"sparsity {config.sparsity:g}"
     if config.allocation == "snella":
         sparsity += f" -> {config.target_sparsity:g} on average (SNELLA)"

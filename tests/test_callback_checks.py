@@ -39,8 +39,8 @@ def test_callback_on_a_model_without_its_method_raises_naming_both(tmp_path, cal
     message = (
         f"{callback_cls.__name__} drives {CALLBACKS[callback_cls][0]} adapters, got a model with {has}; pass the "
         "callback of the model's method (SparseConfig, LiftConfig: SparseUpdateCallback; SoraConfig: SoraCallback; "
-        'SnellConfig(allocation="snella"): SnellAllocationCallback; SnellConfig(allocation="none"), LoRA and other '
-        "peft methods: none)"
+        'SnellConfig(allocation="snella"): SnellAllocationCallback; RosaConfig(mask_rule="gradient"): RosaCallback; '
+        'SnellConfig(allocation="none"), RosaConfig(mask_rule="magnitude"), LoRA and other peft methods: none)'
     )
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         trainer.train()

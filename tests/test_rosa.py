@@ -15,6 +15,7 @@ from transformers.pytorch_utils import Conv1D
 
 from peft_sparse import RosaConfig, export_to_lora
 from peft_sparse.sparse.indices import random_unique_indices
+from peft_sparse.summary import budget_text, layer_table, model_weight_shapes, summarize_adapter
 from peft_sparse.tuners.rosa import RosaLinear
 from tests.conftest import assert_same_adapter, make_mlp, make_tiny_llama, randomize_values
 from tests.test_save_load import logits_of
@@ -57,7 +58,8 @@ def test_forward_and_gradients_equal_the_dense_reference(base_cls, in_place):
     output.square().sum().backward()
 
     values = layer.rosa_values["default"].detach().clone().requires_grad_()
-    a, b = (layer.rosa_A["default"].detach().clone().requires_grad_(), layer.rosa_B["default"].detach().clone().requires_grad_())
+    a = layer.rosa_A["default"].detach().clone().requires_grad_()
+    b = layer.rosa_B["default"].detach().clone().requires_grad_()
     sparse = torch.zeros(72).index_put((indices.long(),), values).view(stored.shape)
     sparse = sparse if base_cls is nn.Linear else sparse.T  # [out, in]
     reference = x @ w0.T + base.bias + x @ sparse.T + 2.0 * (x @ a.T) @ b.T
@@ -139,8 +141,8 @@ def test_trainer_with_rosa_callback_chooses_the_mask_at_its_step_and_trains_both
 
 def test_resuming_inside_the_mask_window_is_bit_identical(tmp_path):
     def trainer(out_dir):
-        model = get_peft_model(make_tiny_llama(), RosaConfig(r=2, density=0.1, target_modules=TARGETS,
-                                                             mask_warmup_steps=2, mask_accumulation_steps=2))  # fmt: skip
+        config = RosaConfig(r=2, density=0.1, target_modules=TARGETS, mask_warmup_steps=2, mask_accumulation_steps=2)
+        model = get_peft_model(make_tiny_llama(), config)
         args = training_args(out_dir, max_steps=5, per_device_train_batch_size=2, gradient_accumulation_steps=2,
                              learning_rate=5e-2, save_strategy="steps", save_steps=3)  # fmt: skip
         return Trainer(model=model, args=args, train_dataset=repeating_sequences(32), callbacks=[RosaCallback()])
@@ -196,9 +198,11 @@ CHILD_LOAD = textwrap.dedent(
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir).eval(), adapter_dir)
     assert type(model.peft_config["default"]).__name__ == "RosaConfig"
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=expected["input_ids"]).logits, expected["logits"], rtol=0, atol=1e-6)
+        logits = model(input_ids=expected["input_ids"]).logits
+        torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=1e-6)
         merged = model.merge_and_unload()
-        torch.testing.assert_close(merged(input_ids=expected["input_ids"]).logits, expected["logits"], rtol=0, atol=1e-5)
+        logits = merged(input_ids=expected["input_ids"]).logits
+        torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=1e-5)
     print("CHILD-OK")
     """
 )
@@ -246,7 +250,8 @@ def test_two_adapters_switch_merge_and_delete(input_ids):
     base_logits = logits_of(make_tiny_llama(), input_ids)
     model = rosa_model()
     first = logits_of(model, input_ids)
-    model.add_adapter("other", RosaConfig(r=4, density=0.05, target_modules=TARGETS, init_weights=False, init_seed=7))
+    other = RosaConfig(r=4, density=0.05, target_modules=TARGETS, init_weights=False, init_seed=7)
+    model.add_adapter("other", other)
     model.set_adapter("other")
     second = logits_of(model, input_ids)
     assert not torch.allclose(first, second)
@@ -274,6 +279,18 @@ def test_export_to_lora_is_exact_at_full_energy_and_lossy_at_rank_r(tmp_path, in
     truncated = export_to_lora(model, tmp_path / "rank2", rank=2)
     assert set(truncated.ranks.values()) == {2}
     assert min(truncated.relative_errors.values()) > 0.01  # the sparse part is not rank 2
+
+
+def test_inspect_summarizes_both_parts(tmp_path):
+    model = rosa_model()
+    model.save_pretrained(tmp_path)
+    summary = summarize_adapter(tmp_path, base_shapes=model_weight_shapes(model))
+    assert summary.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    down = next(layer for layer in summary.layers if layer.name == "model.layers.0.mlp.down_proj")
+    assert (down.rank, down.kept, down.shape, down.trainable) == (2, 205, (32, 64), 205 + 2 * 64 + 32 * 2)
+    budget = "LoRA rank 2 plus a sparse part of density 0.1 of each target matrix; mask rule 'magnitude'"
+    assert budget_text(summary) == budget
+    assert "| LoRA rank | sparse values | sparse density | trainable |" in layer_table(summary)
 
 
 # --- config errors -------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ from transformers import TrainerCallback
 
 CALLBACK_OF_EACH_METHOD = (
     "SparseConfig, LiftConfig: SparseUpdateCallback; SoraConfig: SoraCallback; "
-    'SnellConfig(allocation="snella"): SnellAllocationCallback; SnellConfig(allocation="none"), LoRA and other '
-    "peft methods: none"
+    'SnellConfig(allocation="snella"): SnellAllocationCallback; RosaConfig(mask_rule="gradient"): RosaCallback; '
+    'SnellConfig(allocation="none"), RosaConfig(mask_rule="magnitude"), LoRA and other peft methods: none'
 )
 
 

@@ -47,7 +47,7 @@ class RosaConfig(SparseDeltaConfig):
     """
 
     r: int = field(default=8, metadata={"help": "Rank of the LoRA part."})
-    lora_alpha: float = field(default=8, metadata={"help": "LoRA scaling numerator: the LoRA part is scaled by lora_alpha / r."})
+    lora_alpha: float = field(default=8, metadata={"help": "The LoRA part is scaled by lora_alpha / r."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA part's input, in [0, 1)."})
     density: Optional[float] = field(
         default=None,

@@ -72,13 +72,14 @@ class RosaModel(SparseDeltaTuner):
     def _growth_statistics(self, config: RosaConfig, layer: SparseDeltaLayer, adapter_name: str):
         if config.mask_rule != "gradient":
             return None
-        return AccumulatedGradientMask(layer.weight_shape, config.gradient_statistic, layer.get_base_layer().weight.device)
+        device = layer.get_base_layer().weight.device
+        return AccumulatedGradientMask(layer.weight_shape, config.gradient_statistic, device)
 
     def _adapter_layers(self, adapter_name: str) -> list[LowRankPart]:
         return [layer for _, layer in self.sparse_delta_layers() if adapter_name in layer.delta_values]
 
     def hold_back_sparse_part(self, adapter_name: str) -> None:
-        """Leave the sparse part of ``adapter_name`` out of the forward (no gradient) until ``choose_gradient_mask``."""
+        """Leave the sparse part of ``adapter_name`` out of the forward (no gradient) until its mask is chosen."""
         for layer in self._adapter_layers(adapter_name):
             layer.mask_pending.add(adapter_name)
 
