@@ -20,11 +20,11 @@ from peft import get_peft_model, get_peft_model_state_dict  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
-from peft_sparse import LiftConfig, S2ftConfig, SnellConfig, SoraConfig, SparseConfig  # noqa: E402
+from peft_sparse import LiftConfig, RosaConfig, S2ftConfig, SnellConfig, SoraConfig, SparseConfig  # noqa: E402
 from tests.conftest import make_tiny_llama  # noqa: E402
 from tests.test_trainer import repeating_sequences, training_args  # noqa: E402
 from trl_callbacks import (  # noqa: E402
-    SnellAllocationCallback, SoraCallback, SparseUpdateCallback, sora_optimizer_cls_and_kwargs,
+    RosaCallback, SnellAllocationCallback, SoraCallback, SparseUpdateCallback, sora_optimizer_cls_and_kwargs,
 )  # fmt: skip
 
 TARGETS = ["q_proj", "down_proj"]  # 4 matrices: enough to test, fast
@@ -36,6 +36,8 @@ TARGETS = ["q_proj", "down_proj"]  # 4 matrices: enough to test, fast
 # SNELLA re-allocates at steps 2 and 4 from its importance EMAs. SaRA freezes its effective slots at
 # step 2 (kept in the checkpoint) under a nuclear-norm penalty; HFT freezes a new half at steps 0, 2, 4.
 # ID3 unmasks at steps 1 and 3 (half of its budget each), so the checkpoint holds masked slots.
+# RoSA trains LoRA alone for step 1, accumulates gradients over steps 2-3, sets its mask after step 3 (in the
+# checkpoint) and trains both parts at step 4; its sparse values get no gradient before (unused under DDP).
 # S2FT has no selection steps (a plain TrainerCallback); its slices are columns of o_proj/down_proj, rows of gate_proj.
 METHODS = {
     "sparse-ag": (lambda: SparseConfig(target_modules=TARGETS, density=0.1, selection="ag", reselection_steps=2, selection_accumulation_steps=2, reselection_rate_schedule="constant"), SparseUpdateCallback),
@@ -47,6 +49,7 @@ METHODS = {
     "sora": (lambda: SoraConfig(target_modules=TARGETS, r=4, gate_lr=0.2, xi_schedule="linear", xi_start=0.01, xi_end=0.5), SoraCallback),
     "snella": (lambda: SnellConfig(target_modules=TARGETS, r=4, allocation="snella", sparsity=0.2, target_sparsity=0.8, allocation_interval=2), SnellAllocationCallback),
     "s2ft": (lambda: S2ftConfig(num_heads=1, num_channels=8, ffn_input_modules=["gate_proj"]), TrainerCallback),
+    "rosa": (lambda: RosaConfig(target_modules=TARGETS, r=4, density=0.1, mask_warmup_steps=1, mask_accumulation_steps=2), RosaCallback),
 }  # fmt: skip
 
 
