@@ -35,7 +35,8 @@ class RosaCallback(LoggingCallback, CheckpointStateCallback):
     ``mask_rule="magnitude"`` adapters need no callback (their mask is chosen at injection).
 
     Example:
-        >>> trainer = Trainer(model=peft_model, args=args, train_dataset=ds, callbacks=[RosaCallback()])  # doctest: +SKIP
+        >>> trainer = Trainer(model=peft_model, args=args, train_dataset=ds,
+        ...                   callbacks=[RosaCallback()])  # doctest: +SKIP
     """
 
     state_file_name = "rosa_mask_state.safetensors"
