@@ -5,7 +5,10 @@ peft's tiny ``MLP`` (``lin0``: Linear 10->20, ``lin1``: Linear 20->2) and ``EmbC
 (``emb``: Embedding, ``conv1d``: transformers Conv1D 5->1, ``lin0``: Linear 10->2). Our methods
 adapt Linear and Conv1D only, so no row targets ``emb`` or a Conv2d model. Variants mirror peft's
 rows for SHiRA/VeRA/LoRA: a regex string target, single and double targets, ``modules_to_save``,
-budgets and ``init_weights=False`` (a non-zero adapter from the start).
+budgets and ``init_weights=False`` (a non-zero adapter from the start). S2FT derives its targets from
+its module roles, so its rows name ``attention_output_modules`` (heads of ``head_dim`` input columns),
+``ffn_output_modules`` (channels: input columns) and ``ffn_input_modules`` (the same channels as output
+rows: ``lin0`` feeds ``lin1``'s 20 channels) instead of ``target_modules``.
 
 ``MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES`` rows are ``(test name, tuner method, config class,
 kwargs of adapter 1, kwargs of adapter 2)`` on ``MLP``.
@@ -15,9 +18,9 @@ from __future__ import annotations
 
 from peft import LoraConfig
 
-from peft_sparse import LiftConfig, SnellConfig, SoraConfig, SparseConfig
+from peft_sparse import LiftConfig, S2ftConfig, SnellConfig, SoraConfig, SparseConfig
 
-OUR_CONFIG_CLASSES = (SparseConfig, LiftConfig, SoraConfig, SnellConfig)
+OUR_CONFIG_CLASSES = (SparseConfig, LiftConfig, SoraConfig, SnellConfig, S2ftConfig)
 
 SPARSE_ROWS = [
     # density 0.1, not the default 0.01: 2 entries of lin0 can both sit on hidden units that ReLU zeroes
@@ -197,7 +200,81 @@ SNELL_ROWS = [
     ),
 ]
 
-TEST_CASES = SPARSE_ROWS + LIFT_ROWS + SORA_ROWS + SNELL_ROWS
+CHANNELS_OF_LIN1 = {"attention_output_modules": [], "ffn_output_modules": ["lin1"]}
+COUPLED_LIN0_LIN1 = {**CHANNELS_OF_LIN1, "ffn_input_modules": ["lin0"]}
+S2FT_ROWS = [
+    ("Vanilla MLP 1 S2FT channels", "MLP", S2ftConfig, {**CHANNELS_OF_LIN1, "num_channels": 4}),
+    ("Vanilla MLP 2 S2FT coupled rows", "MLP", S2ftConfig, {**COUPLED_LIN0_LIN1, "num_channels": 4}),
+    (
+        "Vanilla MLP 3 S2FT heads",
+        "MLP",
+        S2ftConfig,
+        {"attention_output_modules": ["lin0"], "ffn_output_modules": [], "num_heads": 2, "head_dim": 2},
+    ),
+    (
+        "Vanilla MLP 4 S2FT heads and channels",
+        "MLP",
+        S2ftConfig,
+        {
+            "attention_output_modules": ["lin0"],
+            "ffn_output_modules": ["lin1"],
+            "num_heads": 1,
+            "head_dim": 5,
+            "num_channels": 5,
+            "init_weights": False,
+        },
+    ),
+    (
+        "Vanilla MLP 5 S2FT",
+        "MLP",
+        S2ftConfig,
+        {
+            "attention_output_modules": [],
+            "ffn_output_modules": ["lin0"],
+            "num_channels": 3,
+            "modules_to_save": ["lin1"],
+        },
+    ),
+    (
+        "Vanilla MLP 6 S2FT weight_norm additive",
+        "MLP",
+        S2ftConfig,
+        {
+            **COUPLED_LIN0_LIN1,
+            "num_channels": 6,
+            "selection": "weight_norm",
+            "delta_in_place": False,
+            "init_weights": False,
+        },
+    ),
+    (
+        "Vanilla MLP 7 S2FT coupled rows",
+        "MLP",
+        S2ftConfig,
+        {**COUPLED_LIN0_LIN1, "num_channels": 6, "init_weights": False},
+    ),
+    (
+        "Embedding + transformers Conv1D 1 S2FT",
+        "EmbConv1D",
+        S2ftConfig,
+        {"attention_output_modules": [], "ffn_output_modules": ["conv1d"], "num_channels": 2},
+    ),
+    (
+        "Embedding + transformers Conv1D 2 S2FT",
+        "EmbConv1D",
+        S2ftConfig,
+        {
+            "attention_output_modules": ["lin0"],
+            "ffn_output_modules": ["conv1d"],
+            "num_heads": 1,
+            "head_dim": 5,
+            "num_channels": 2,
+            "init_weights": False,
+        },
+    ),
+]
+
+TEST_CASES = SPARSE_ROWS + LIFT_ROWS + SORA_ROWS + SNELL_ROWS + S2FT_ROWS
 
 # LoRA with the scale and init of SoRA rows that peft's lr=0.5 training tests drive to NaN
 # (test_parameters_after_loading_model), run beside peft's LoRA rows to tell the test's
@@ -228,6 +305,9 @@ def _same_and_different(label: str, tuner_method: str, config_cls, kwargs: dict,
     ]
 
 
+# S2FT has no target_modules: "Same" trains channels of lin0 in both adapters, "Different" of lin0 and lin1
+S2FT_ADAPTER = {"attention_output_modules": [], "ffn_output_modules": ["lin0"], "num_channels": 2}
+
 # SFT and LIFT seed their initial values per layer from init_seed, so two adapters built from one
 # config are identical; the second adapter gets its own seed, as two adapters in real use would.
 MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES = (
@@ -235,4 +315,11 @@ MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES = (
     + _same_and_different("LIFT", "lift", LiftConfig, {"density": 0.5, "rank": 2}, {"init_seed": 7})
     + _same_and_different("SORA", "sora", SoraConfig, {"r": 2}, {})
     + _same_and_different("SNELL", "snell", SnellConfig, {"r": 4, "sparsity": 0.5}, {})
+    + [
+        (f"S2FT {kind}", "s2ft", S2ftConfig, {**S2FT_ADAPTER, "init_weights": False}, {**S2FT_ADAPTER, **second})
+        for kind, second in [
+            ("Same", {"init_weights": False, "init_seed": 7}),
+            ("Different", {"init_weights": False, "init_seed": 7, "ffn_output_modules": ["lin1"]}),
+        ]
+    ]
 )
