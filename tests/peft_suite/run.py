@@ -1,11 +1,11 @@
-"""Run peft's own custom-model test matrix with rows for our four methods added.
+"""Run peft's own custom-model test matrix with rows for our methods added.
 
 peft tests every method against one matrix of tiny models and properties
 (``tests/test_custom_models.py``: forward, dtypes, training touches only adapter parameters,
 merge/unmerge/safe merge, save/load, disable, delete, several adapters). This script runs that
-file, from the peft release installed here, with rows for SparseConfig, LiftConfig, SoraConfig and
-SnellConfig (``matrix_rows.py``) put into its lists at collection time (``matrix_plugin.py``); nothing of peft's
-is committed or edited.
+file, from the peft release installed here, with rows for SparseConfig, LiftConfig, SoraConfig,
+SnellConfig and S2ftConfig (``matrix_rows.py``) put into its lists at collection time
+(``matrix_plugin.py``); nothing of peft's is committed or edited.
 
 Usage (from the repository root, in the venv)::
 
