@@ -92,7 +92,7 @@ def main() -> None:
 
         for density in map(float, args.compress_densities.split(",")):
             started = time.perf_counter()
-            name = f"compeft-{density}"
+            name = f"compeft-{density:g}".replace(".", "_")  # "." cannot be in a parameter name
             peft_sparse.compress_adapter(model, density=density, compressed_name=name)
             model.set_adapter(name)
             rows.append(scored_row(f"ComPEFT density={density}", model, tokenizer, problems, started, density=density,

@@ -112,6 +112,7 @@ def compress_adapter(
         >>> model.save_pretrained("compressed", selected_adapters=["compressed"])  # doctest: +SKIP
     """
     _check_sparse_delta_model(model, [adapter_name], "adapter_name")
+    _check_new_name(model, "compressed_name", compressed_name)
     check_fraction("density", density)
     if alpha is not None:
         check_type("alpha", alpha, (int, float), "a positive number or None")
@@ -147,8 +148,7 @@ def breadcrumbs_merge_adapters(
     _check_sparse_delta_model(model, adapters, "adapters")
     if len(weights) != len(adapters):
         raise ValueError(f"weights must have one number per adapter ({len(adapters)}), got {len(weights)}")
-    if adapter_name in model.peft_config:
-        raise ValueError(f"adapter_name '{adapter_name}' already exists; choose a new name")
+    _check_new_name(model, "adapter_name", adapter_name)
     for name, value in (("beta", beta), ("gamma", gamma)):
         check_type(name, value, (int, float), "a number in [0, 1)")
         if not 0 <= value < 1:
@@ -180,12 +180,17 @@ def _check_sparse_delta_model(model: PeftModel, adapters: list[str], parameter: 
         raise ValueError(f"{parameter} must name adapters among {sorted(model.peft_config)}, got {adapters}")
 
 
+def _check_new_name(model: PeftModel, parameter: str, name: str) -> None:
+    if name in model.peft_config:
+        raise ValueError(f"{parameter} '{name}' already exists; choose a new name")
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"{parameter} must be a non-empty name without '.' (a parameter name), got {name!r}")
+
+
 def _add_sparse_adapter(
     model: PeftModel, source: str, adapter_name: str, density: float, layers: dict[str, SparseDeltaLayer]
 ) -> None:
     """Add an all-zero adapter of ``source``'s method at ``density`` on exactly the ``layers``."""
-    if adapter_name in model.peft_config:
-        raise ValueError(f"adapter_name '{adapter_name}' already exists; choose a new name")
     config = model.peft_config[source]
     other_budgets = {name: None for name in ("num_tunable_weights", "lora_rank_budget") if hasattr(config, name)}
     new_config = dataclasses.replace(

@@ -125,7 +125,8 @@ def sparse_model():
         ({"density": 0.0}, r"density must be in \(0, 1\], got 0.0"),
         ({"density": 0.1, "alpha": -1.0}, "alpha must be a positive number or None, got -1.0"),
         ({"density": 0.1, "adapter_name": "other"}, r"adapter_name must name adapters among \['default'\]"),
-        ({"density": 0.1, "compressed_name": "default"}, "adapter_name 'default' already exists"),
+        ({"density": 0.1, "compressed_name": "default"}, "compressed_name 'default' already exists"),
+        ({"density": 0.1, "compressed_name": "v0.1"}, "compressed_name must be a non-empty name without '.'"),
     ],
 )
 def test_compress_adapter_errors_name_the_parameter(kwargs, message):
@@ -141,6 +142,7 @@ def test_compress_adapter_errors_name_the_parameter(kwargs, message):
         ({"gamma": -0.1}, r"gamma must be in \[0, 1\), got -0.1"),
         ({"beta": 0.6, "gamma": 0.5}, "beta \\+ gamma must be below 1"),
         ({"adapters": ["nope"]}, r"adapters must name adapters among \['default'\], got \['nope'\]"),
+        ({"adapter_name": "default"}, "adapter_name 'default' already exists"),
     ],
 )
 def test_breadcrumbs_errors_name_the_parameter(kwargs, message):
