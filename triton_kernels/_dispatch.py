@@ -29,7 +29,10 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     """Triton for CUDA tensors, or for any tensors under ``TRITON_INTERPRET=1``; else the torch reference."""
     if triton is None:
         return False
-    return interpreter_requested() or all(tensor.is_cuda for tensor in tensors)
+    if all(tensor.is_cuda for tensor in tensors):
+        return True
+    # under torch.compile, CPU tensors take the reference: Dynamo cannot trace Triton's knob (a C getenv)
+    return not torch.compiler.is_compiling() and interpreter_requested()
 
 
 class lazy_jit:  # noqa: N801  (used as a decorator, like triton.jit)

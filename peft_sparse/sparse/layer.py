@@ -338,6 +338,11 @@ class SparseDeltaLayer(BaseTunerLayer):
             x, undo if permutation is None else undo[permutation], crow, col, self.out_features
         )
 
+    # Runs eagerly under torch.compile (one graph break per layer): which deltas the weight holds is
+    # host-side state that changes between forwards, so a traced forward would guard on it and
+    # recompile on every change (measured on the tiny Llama: the recompile limit was hit, and the
+    # first compiled step took 180 s), and its CSR gradient is a sparse tensor Dynamo cannot trace.
+    @torch.compiler.disable
     def forward_with_deltas(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The base output with exactly the wanted deltas, in place where safe, else additively."""
         wanted = self._wanted_adapters()

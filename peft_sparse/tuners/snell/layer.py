@@ -112,6 +112,9 @@ class SnellLayer(AdditiveDeltaLayer, BaseTunerLayer):
             raise ValueError(f"num_kept must be in [0, {self.num_entries}], got {num_kept}")
         self.snell_num_kept[adapter_name].fill_(num_kept)
 
+    # Runs eagerly under torch.compile (one graph break per layer): the kept count is a host-side int
+    # that SNELLA changes during training, which a traced threshold would specialise on and recompile for.
+    @torch.compiler.disable
     def threshold(self, adapter_name: str) -> torch.Tensor:
         """The current ``tau`` of one adapter (0-dim; no gradient)."""
         return keep_threshold(
