@@ -394,6 +394,8 @@ class _TritonSnellMatmul(torch.autograd.Function):
         return grad_x, grad_a.to(a.dtype), grad_b.to(b.dtype), None, None
 
 
+# Opaque to torch.compile (a graph break on CUDA): Dynamo is not shown our lazily jitted launchers.
+@torch.compiler.disable
 def snell_delta_matmul_triton(
     x: torch.Tensor,
     input_factors: torch.Tensor,
