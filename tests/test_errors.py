@@ -15,7 +15,17 @@ from peft.utils.peft_types import PeftType
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
-from peft_sparse import FORMAT_VERSION, LiftConfig, SnellConfig, SoraConfig, SparseConfig, __version__
+from peft_sparse import (
+    FORMAT_VERSION,
+    LiftConfig,
+    RosaConfig,
+    S2ftConfig,
+    SnellConfig,
+    SoraConfig,
+    SparseConfig,
+    __version__,
+    export_to_lora,
+)
 from peft_sparse.format_version import installed_version
 from peft_sparse.sparse.compact_format import expand_tensors
 from tests.conftest import make_tied_llama, make_tiny_llama
@@ -163,6 +173,23 @@ def tied_merge(tmp_path, saved, track, monkeypatch):
     track(model).merge_and_unload()
 
 
+def combine_different_modules(tmp_path, saved, track, monkeypatch):
+    model = get_peft_model(make_tiny_llama(), SparseConfig(density=0.1, target_modules=TARGETS), adapter_name="first")
+    model.add_adapter("second", SparseConfig(density=0.1, target_modules=["q_proj"]))
+    track(model).add_weighted_adapter(["first", "second"], [1.0, 1.0], "both")
+
+
+def combine_snell(tmp_path, saved, track, monkeypatch):
+    model = get_peft_model(make_tiny_llama(), CONFIGS["snell"](), adapter_name="first")
+    model.add_adapter("second", CONFIGS["snell"]())
+    track(model).add_weighted_adapter(["first", "second"], [1.0, 1.0], "both")
+
+
+def export_without_rank(tmp_path, saved, track, monkeypatch):
+    model = PeftModel.from_pretrained(make_tiny_llama(), saved["sparse"])
+    export_to_lora(track(model), tmp_path / "lora")
+
+
 def bad_config(make_config):
     def action(tmp_path, saved, track, monkeypatch):
         make_config()
@@ -305,6 +332,47 @@ ROWS = [
     ),
 ]
 ROWS += [(row_id, ValueError, re.escape(message), bad_config(make)) for row_id, (make, message) in DENSITY_ROWS.items()]
+NEW_FEATURE_CONFIG_ROWS = {
+    "unknown-selection": (
+        lambda: SparseConfig(selection="lt_sft"),
+        "selection must be one of ('ag', 'ma', 'random', 'sara', 'hft', 'id3', 'lt-sft'), got 'lt_sft'",
+    ),
+    "unknown-save-dtype": (
+        lambda: SparseConfig(save_dtype="int8"),
+        "save_dtype must be None (the values' training dtype) or one of ('bfloat16', 'float16', 'float32'), got 'int8'",
+    ),
+    "s2ft-target-modules": (
+        lambda: S2ftConfig(target_modules=["q_proj"]),
+        "target_modules is set by S2ftConfig from attention_output_modules, ffn_output_modules and "
+        "ffn_input_modules; leave it None, got ['q_proj']",
+    ),
+    "rosa-mask-rule": (
+        lambda: RosaConfig(mask_rule="random"),
+        "mask_rule must be one of ('gradient', 'magnitude'), got 'random'",
+    ),
+}
+ROWS += [
+    (row_id, ValueError, re.escape(message), bad_config(make))
+    for row_id, (make, message) in NEW_FEATURE_CONFIG_ROWS.items()
+]
+ROWS += [
+    (
+        "combine-different-modules",
+        ValueError,
+        re.escape(
+            "adapters 'first' and 'second' adapt different modules (e.g. 'model.layers.0.mlp.up_proj' is in only one "
+            "of them); add_weighted_adapter needs adapters with the same target modules"
+        ),
+        combine_different_modules,
+    ),
+    ("combine-snell", ValueError, r"add_weighted_adapter cannot combine SNELL adapters: .*", combine_snell),
+    (
+        "export-rank-or-energy",
+        ValueError,
+        re.escape("give exactly one of rank or energy, got rank=None, energy=None"),
+        export_without_rank,
+    ),
+]
 
 
 def state_of(model: torch.nn.Module) -> dict:
@@ -312,7 +380,7 @@ def state_of(model: torch.nn.Module) -> dict:
     return {
         "types": [(name, type(module)) for name, module in model.named_modules()],
         "bits": {
-            name: tensor.detach().clone().contiguous().view(torch.uint8)
+            name: tensor.detach().clone().contiguous().reshape(-1).view(torch.uint8)
             for name, tensor in model.state_dict().items()
         },
         "requires_grad": {name: parameter.requires_grad for name, parameter in model.named_parameters()},
