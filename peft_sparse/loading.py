@@ -124,6 +124,8 @@ class AllOrNothingTuner(BaseTuner):
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        if "." in adapter_name:  # checked first: a failed injection could not be undone by name
+            raise KeyError(f'adapter_name must not contain "." (it becomes a parameter name), got {adapter_name!r}')
         snapshot = ModelSnapshot(model)
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)

@@ -4,6 +4,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from peft import PeftType, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
@@ -98,3 +99,11 @@ def test_registering_twice_is_harmless():
         assert list(PeftType).count(PeftType[name]) == 1
         assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType[name]] is getattr(peft_sparse, config_name)
         assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType[name]] is getattr(peft_sparse, model_name)
+
+
+def test_adapter_name_with_a_dot_is_refused_and_the_model_keeps_its_adapter():
+    model = get_peft_model(make_tiny_llama(), peft_sparse.SparseConfig(density=0.1, target_modules=["q_proj"]))
+    with pytest.raises(KeyError, match=r'adapter_name must not contain "\."'):
+        model.add_adapter("a.b", peft_sparse.SparseConfig(density=0.1, target_modules=["q_proj"]))
+    assert list(model.peft_config) == ["default"]
+    assert all("a.b" not in name for name, _ in model.named_parameters())
