@@ -32,6 +32,17 @@ BF16, FP32, INDEX = 2, 4, 4  # bytes per element
 SEVEN_B_SHAPES = [(4096, 4096), (4096, 11008)]  # [out, in]: attention and MLP matrices of a 7B Llama
 DENSITY, TOKENS, SNELL_RANK = 0.01, 4096, 32
 SNELL_BLOCK_TOKENS = 32  # triton_kernels/snell_matmul.py BLOCK_T: the kernel tile is recomputed per token block
+BENCH_KERNEL_COSTS = {  # bench_kernels' kernel names -> the roofline rows of kernel_costs
+    "merge": "sparse_merge scatter", "sddmm": "sddmm (per entry)", "matmul": "sparse_matmul (y += X S^T)",
+    "scan": "topk_scan",
+}  # fmt: skip
+TABLE_COLUMNS = {
+    "step": ["method", "trainable_params", "step_ms", "peak_mib"],
+    "kernels": ["kernel", "shape", "density", "ours_ms", "expected_us", "ours_vs_roofline", "baseline", "baseline_ms",
+                "baseline_expected_us"],
+    "memory": ["method", "trainable_params", "step_ms", "peak_mib"],
+    "lift": ["svd_method", "seconds"],
+}  # fmt: skip
 PLAN = [
     ("step", "train-step time and peak memory of frozen, LoRA, SFT, full FT on SmolLM2 (bf16 autocast)", 120),
     ("kernels", "bench_kernels cases (4096x4096, 4096x11008; 0.1/1/5%) vs dense baselines + roofline ratios", 120),
@@ -146,7 +157,8 @@ def roofline_rows(peaks: DevicePeaks, shapes=SEVEN_B_SHAPES, density: float = DE
 
 def roofline_table(rows: list[dict]) -> str:
     lines = [
-        "| kernel | shape [out x in] | MB moved | GFLOP | FLOPs on | memory-bound µs | compute-bound µs | expected µs |",
+        "| kernel | shape [out x in] | MB moved | GFLOP | FLOPs on | memory-bound µs | compute-bound µs "
+        "| expected µs |",
         "|---|---|---:|---:|---|---:|---:|---:|",
     ]
     for row in rows:
@@ -197,7 +209,8 @@ def cuda_training_row(method: str, model: torch.nn.Module, workload, repeats: in
     """Median step time (bf16 autocast, AdamW) and peak allocated memory of one model on CUDA."""
     model = model.cuda().train()
     batch = workload.batch.cuda()
-    parameters = [p for p in model.parameters() if p.requires_grad] or [torch.zeros(1, device="cuda", requires_grad=True)]
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    parameters = parameters or [torch.zeros(1, device="cuda", requires_grad=True)]  # frozen: a no-op step
     optimizer = torch.optim.AdamW(parameters, lr=1e-4)
 
     def step():
@@ -246,17 +259,26 @@ def run_kernels(peaks: DevicePeaks, repeats: int) -> list[dict]:
     for shape in SEVEN_B_SHAPES:
         for density in (0.001, 0.01, 0.05):
             case = Case(shape, density, TOKENS, torch.bfloat16, torch.device("cuda"))
-            costs = {cost.kernel.split(" ")[0]: cost for cost in kernel_costs(shape, density, TOKENS)}
+            costs = {cost.kernel: cost for cost in kernel_costs(shape, density, TOKENS)}
             for row in kernel_timings(case, repeats, triton_path=True):
-                cost = costs.get({"merge": "sparse_merge", "scan": "topk_scan", "matmul": "sparse_matmul"}.get(
-                    row["kernel"], row["kernel"]))  # fmt: skip
+                cost = costs.get(BENCH_KERNEL_COSTS.get(row["kernel"]))
                 if cost is not None:
                     row["expected_us"] = cost.roofline_us(peaks)[2]
                     row["ours_vs_roofline"] = 1e3 * row["ours_ms"] / row["expected_us"]
                 if row["kernel"] == "sddmm":  # the open question: per-entry vs tensor-core dense + gather
-                    row["baseline_expected_us"] = costs["dense"].roofline_us(peaks)[2]
+                    row["baseline_expected_us"] = costs["dense dY^T X + gather"].roofline_us(peaks)[2]
                 rows.append(row)
     return rows
+
+
+def markdown(rows: list[dict], columns: list[str]) -> str:
+    """A markdown table of ``columns`` (floats to 3 significant digits; missing values as "-")."""
+    def cell(value) -> str:
+        return "-" if value is None else f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(column)) for column in columns) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def run_lift_selection() -> list[dict]:
@@ -278,16 +300,18 @@ def run_lift_selection() -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dry-run", action="store_true", help="print the plan and roofline expectations; no GPU needed")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and roofline; no GPU needed")
     parser.add_argument("--device-name", default=None, help="peak table key for --dry-run (default: H100)")
     parser.add_argument("--peak-gbs", type=float, default=None, help="override the HBM bandwidth peak")
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the bf16 tensor-core peak")
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
 
-    name = args.device_name or (torch.cuda.get_device_name() if torch.cuda.is_available() and not args.dry_run else "H100")
+    on_cuda = torch.cuda.is_available() and not args.dry_run
+    name = args.device_name or (torch.cuda.get_device_name() if on_cuda else "H100")
     overridden = args.peak_gbs is not None and args.peak_tflops is not None
-    peaks = DEVICE_PEAKS["H100"] if overridden and not any(key in name.upper() for key in DEVICE_PEAKS) else device_peaks(name)
+    known = any(key in name.upper() for key in DEVICE_PEAKS)
+    peaks = device_peaks(name) if known or not overridden else DEVICE_PEAKS["H100"]  # H100's tf32/fp32 peaks
     peaks = replace(peaks, hbm_gbs=args.peak_gbs or peaks.hbm_gbs, bf16_tflops=args.peak_tflops or peaks.bf16_tflops)
     if not args.dry_run and not torch.cuda.is_available():
         sys.exit("gpu_suite.py needs a CUDA device (none found); use --dry-run to print the plan and the roofline")
@@ -305,9 +329,8 @@ def main() -> None:
     ):
         section_start = time.perf_counter()
         results[section] = run()
-        print(f"\n## {section} ({time.perf_counter() - section_start:.0f} s)")
-        for row in results[section]:
-            print(row)
+        print(f"\n## {section} ({time.perf_counter() - section_start:.0f} s)\n")
+        print(markdown(results[section], TABLE_COLUMNS[section]), flush=True)
     rows = [{"section": section, **row} for section, section_rows in results.items() for row in section_rows]
     write_results(RESULTS, rows, device_name=name, peaks=peaks.__dict__, seconds=time.perf_counter() - started)
 

@@ -54,3 +54,9 @@ def test_peak_flags_override_the_table_for_an_unknown_device(monkeypatch, capsys
     monkeypatch.setattr(sys, "argv", argv)
     gpu_suite.main()
     assert "GPU suite plan (Tesla T4: 300 GB/s, 65 TFLOPs bf16 dense" in capsys.readouterr().out
+
+
+def test_every_benchmarked_kernel_has_a_roofline_row():
+    names = {cost.kernel for cost in gpu_suite.kernel_costs((4096, 11008))}
+    assert set(gpu_suite.BENCH_KERNEL_COSTS.values()) <= names
+    assert set(gpu_suite.BENCH_KERNEL_COSTS) == {"merge", "sddmm", "matmul", "scan"}  # bench_kernels' ops
