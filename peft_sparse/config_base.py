@@ -33,10 +33,40 @@ def check_positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def check_non_negative_int(name: str, value) -> None:
+    check_type(name, value, (int,), "a non-negative integer")
+    if value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+
+
 def check_fraction(name: str, value) -> None:
     check_type(name, value, (int, float), "a number in (0, 1]")
     if not 0 < value <= 1:
         raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+
+
+def checked_density(
+    density: Optional[float], num_tunable_weights: Optional[int], default_density: float
+) -> Optional[float]:
+    """The sparse budget's ``density``: ``default_density`` when neither it nor ``num_tunable_weights`` is given.
+
+    Raises ``ValueError`` when both are given, or when the one given is out of range.
+
+    Example:
+        >>> checked_density(None, None, default_density=0.01), checked_density(None, 1000, default_density=0.01)
+        (0.01, None)
+    """
+    if density is not None and num_tunable_weights is not None:
+        raise ValueError(
+            f"give either density or num_tunable_weights, not both (got density={density}, "
+            f"num_tunable_weights={num_tunable_weights})"
+        )
+    if num_tunable_weights is not None:
+        check_positive_int("num_tunable_weights", num_tunable_weights)
+        return None
+    density = default_density if density is None else density
+    check_fraction("density", density)
+    return density
 
 
 def check_bool(name: str, value) -> None:

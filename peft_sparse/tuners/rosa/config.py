@@ -7,7 +7,7 @@ from typing import Optional
 
 from peft.utils.peft_types import PeftType
 
-from ...config_base import check_choice, check_fraction, check_positive_int, check_type
+from ...config_base import check_choice, check_non_negative_int, check_positive_int, check_type, checked_density
 from ...sparse.config import SparseDeltaConfig
 
 MASK_RULES = ("gradient", "magnitude")
@@ -15,12 +15,6 @@ GRADIENT_STATISTICS = ("squared", "mean")
 # RoSA's reference (IST-DASLab/peft-rosa README): schedule "wl64", spa_num_grads=1, grad_acc_mode="mean_squared"
 ROSA_MASK_WARMUP_STEPS, ROSA_MASK_ACCUMULATION_STEPS = 64, 1
 GRADIENT_RULE_FIELDS = ("mask_warmup_steps", "mask_accumulation_steps", "gradient_statistic")
-
-
-def check_non_negative_int(name: str, value) -> None:
-    check_type(name, value, (int,), "a non-negative integer")
-    if value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
 
 
 @dataclass
@@ -100,23 +94,10 @@ class RosaConfig(SparseDeltaConfig):
         check_type("lora_dropout", self.lora_dropout, (int, float), "a number in [0, 1)")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        self._check_budget()
+        self.density = checked_density(self.density, self.num_tunable_weights, default_density=0.003)
         check_choice("mask_rule", self.mask_rule, MASK_RULES)
         self._check_gradient_rule()
         check_non_negative_int("init_seed", self.init_seed)
-
-    def _check_budget(self) -> None:
-        if self.density is not None and self.num_tunable_weights is not None:
-            raise ValueError(
-                f"give either density or num_tunable_weights, not both (got density={self.density}, "
-                f"num_tunable_weights={self.num_tunable_weights})"
-            )
-        if self.num_tunable_weights is None:
-            if self.density is None:
-                self.density = 0.003
-            check_fraction("density", self.density)
-        else:
-            check_positive_int("num_tunable_weights", self.num_tunable_weights)
 
     def _check_gradient_rule(self) -> None:
         if self.mask_rule != "gradient":

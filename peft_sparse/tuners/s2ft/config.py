@@ -7,16 +7,10 @@ from typing import Optional
 
 from peft.utils.peft_types import PeftType
 
-from ...config_base import check_choice, check_positive_int, check_type
+from ...config_base import check_choice, check_non_negative_int, check_positive_int
 from ...sparse.config import SparseDeltaConfig
 
 SELECTIONS = ("random", "weight_norm")
-
-
-def check_non_negative_int(name: str, value) -> None:
-    check_type(name, value, (int,), "a non-negative integer")
-    if value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
 
 
 def check_module_names(name: str, value) -> None:

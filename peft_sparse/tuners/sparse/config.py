@@ -7,7 +7,7 @@ from typing import Optional
 
 from peft.utils.peft_types import PeftType
 
-from ...config_base import check_choice, check_fraction, check_positive_int, check_type
+from ...config_base import check_choice, check_fraction, check_positive_int, check_type, checked_density
 from ...sparse.config import SparseDeltaConfig
 
 SELECTIONS = ("ag", "ma", "random", "sara", "hft", "id3", "lt-sft")
@@ -100,7 +100,7 @@ class SparseConfig(SparseDeltaConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.SPARSE
-        self._check_budget()
+        self.density = checked_density(self.density, self.num_tunable_weights, default_density=0.01)
         check_choice("selection", self.selection, SELECTIONS)
         if self.reselection_steps is None:
             self.reselection_steps = 1 if self.selection == "id3" else 20
@@ -152,19 +152,6 @@ class SparseConfig(SparseDeltaConfig):
         if self.hft_granularity is None:
             self.hft_granularity = "matrix"
         check_choice("hft_granularity", self.hft_granularity, HFT_GRANULARITIES)
-
-    def _check_budget(self) -> None:
-        if self.density is not None and self.num_tunable_weights is not None:
-            raise ValueError(
-                f"give either density or num_tunable_weights, not both (got density={self.density}, "
-                f"num_tunable_weights={self.num_tunable_weights})"
-            )
-        if self.num_tunable_weights is None:
-            if self.density is None:
-                self.density = 0.01
-            check_fraction("density", self.density)
-        else:
-            check_positive_int("num_tunable_weights", self.num_tunable_weights)
 
     @property
     def updates_indices(self) -> bool:
