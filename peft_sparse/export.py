@@ -76,19 +76,42 @@ def export_sora_to_lora(model: PeftModel, out_dir: Union[str, PathLike], adapter
     sora_layer_names = [name for name, _ in model.base_model.sora_layers(adapter_name)]
     tensors.update(saved_modules_besides(model, adapter_name, sora_layer_names))
 
-    lora_config = LoraConfig(
+    return write_lora_export(
+        config,
+        tensors,
+        out_dir,
+        targets,
+        transposed,
         r=config.r,
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
-        target_modules=targets,
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
+    )
+
+
+def write_lora_export(
+    config,
+    tensors: dict[str, torch.Tensor],
+    out_dir: Union[str, PathLike],
+    targets: list[str],
+    transposed: list[bool],
+    **lora_fields,
+) -> Path:
+    """Write ``tensors`` as a LoRA adapter of ``targets`` exported from the adapter of ``config``; return the path.
+
+    The ``LoraConfig`` takes ``lora_fields`` (rank, alpha, patterns) and, from ``config``, the saved
+    modules, task and base model; ``transposed`` says per target whether its weight is [in, out] (Conv1D).
+    """
+    lora_config = LoraConfig(
+        target_modules=targets,
         fan_in_fan_out=all(transposed),
-        modules_to_save=config.modules_to_save,
+        modules_to_save=getattr(config, "modules_to_save", None),
         task_type=config.task_type,
         base_model_name_or_path=config.base_model_name_or_path,
         revision=config.revision,
         inference_mode=True,
+        **lora_fields,
     )
     return write_lora_folder(lora_config, tensors, out_dir)
 
@@ -265,20 +288,17 @@ def _export_truncated_svd(
     tensors.update(saved_modules_besides(model, adapter_name, [name for name, _ in layers]))
 
     largest_rank = max(rank_pattern.values())
-    lora_config = LoraConfig(
+    return write_lora_export(
+        config,
+        tensors,
+        out_dir,
+        targets,
+        transposed,
         r=largest_rank,
         lora_alpha=largest_rank,
-        target_modules=targets,
         rank_pattern=rank_pattern,
         alpha_pattern={pattern: float(layer_rank) for pattern, layer_rank in rank_pattern.items()},  # scale 1
-        fan_in_fan_out=all(transposed),
-        modules_to_save=getattr(config, "modules_to_save", None),
-        task_type=config.task_type,
-        base_model_name_or_path=config.base_model_name_or_path,
-        revision=config.revision,
-        inference_mode=True,
     )
-    return write_lora_folder(lora_config, tensors, out_dir)
 
 
 def _read_lora_factors(lora_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Union
 
 import torch
-from peft import LoraConfig, PeftModel
+from peft import PeftModel
 
-from ...export import CHECKPOINT_PREFIX, saved_modules_besides, write_lora_folder
+from ...export import CHECKPOINT_PREFIX, saved_modules_besides, write_lora_export
 from .layer import SliceDelta
 from .model import S2ftModel
 
@@ -65,17 +65,14 @@ def export_s2ft_to_lora(model: PeftModel, out_dir: Union[str, PathLike], adapter
         transposed.append(layer.weight_is_transposed)
     tensors.update(saved_modules_besides(model, adapter_name, targets))
     rank = Counter(rank_pattern.values()).most_common(1)[0][0]
-    lora_config = LoraConfig(
+    return write_lora_export(
+        config,
+        tensors,
+        out_dir,
+        targets,
+        transposed,
         r=rank,
         lora_alpha=rank,
-        target_modules=targets,
         rank_pattern=rank_pattern,
         alpha_pattern=dict(rank_pattern),
-        fan_in_fan_out=all(transposed),
-        modules_to_save=config.modules_to_save,
-        task_type=config.task_type,
-        base_model_name_or_path=config.base_model_name_or_path,
-        revision=config.revision,
-        inference_mode=True,
     )
-    return write_lora_folder(lora_config, tensors, out_dir)
