@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 from safetensors import safe_open
@@ -93,6 +93,28 @@ class CheckpointStateCallback(TrainerCallback, ExportableState):
             f"next to the checkpoint, but no such file for that step is in {folders}; set "
             "TrainingArguments(resume_from_checkpoint=<the checkpoint folder>) when it is outside output_dir"
         )
+
+
+def open_window_state(adapters: Iterable[tuple]) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """The names of the ``(tuner, adapter name, config)`` adapters whose selection window is open, and their
+    window state under ``<adapter name>/<key>``; the statistics are synchronized over ranks first."""
+    open_windows, tensors = [], {}
+    for tuner, adapter_name, _ in adapters:
+        if tuner.selection_window_open(adapter_name):
+            tuner.synchronize_selection_statistics(adapter_name)  # the same on every rank from here on
+            open_windows.append(adapter_name)
+            state = tuner.selection_state(adapter_name)
+            tensors.update({f"{adapter_name}/{key}": tensor for key, tensor in state.items()})
+    return open_windows, tensors
+
+
+def restore_open_windows(adapters: Iterable[tuple], open_windows: list[str], tensors: dict[str, torch.Tensor]) -> None:
+    """Load back the window state that :func:`open_window_state` saved for ``open_windows``."""
+    for tuner, adapter_name, _ in adapters:
+        if adapter_name in open_windows:
+            prefix = f"{adapter_name}/"
+            state = {key[len(prefix) :]: tensor for key, tensor in tensors.items() if key.startswith(prefix)}
+            tuner.load_selection_state(adapter_name, state)
 
 
 def _saved_step(path: str) -> Optional[int]:

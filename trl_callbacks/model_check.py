@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterator
+
 from peft import PeftModel
 from torch import nn
 from transformers import TrainerCallback
@@ -21,6 +23,20 @@ def describe_adapters(model: nn.Module) -> str:
             adapters = ", ".join(f"'{name}' ({type(module.peft_config[name]).__name__})" for name in names)
             return f"adapter{'s' if len(names) > 1 else ''} {adapters}"
     return f"no peft adapter (a {type(model).__name__})"
+
+
+def active_adapters_of(model: nn.Module, tuner_type: type) -> Iterator[tuple[nn.Module, str, object]]:
+    """``(tuner, adapter name, config)`` of every active adapter of the ``tuner_type`` tuners inside ``model``
+    (a PeftModel, maybe wrapped by DDP).
+
+    Example:
+        >>> for tuner, adapter_name, config in active_adapters_of(model, SoraModel): ...  # doctest: +SKIP
+    """
+    for module in model.modules():
+        if isinstance(module, tuner_type):
+            for adapter_name, config in module.peft_config.items():
+                if adapter_name in module.active_adapters:
+                    yield module, adapter_name, config
 
 
 def check_model_has_method(callback: TrainerCallback, model: nn.Module, has_method: bool, methods: str) -> None:

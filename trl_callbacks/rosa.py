@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import torch
 from torch import nn
 
 from peft_sparse.tuners.rosa import RosaModel
 
-from .checkpoint_state import CheckpointStateCallback
-from .model_check import check_model_has_method
+from .checkpoint_state import CheckpointStateCallback, open_window_state, restore_open_windows
+from .model_check import active_adapters_of, check_model_has_method
 from .reporting import LoggingCallback
-
-
-def rosa_adapters(model: nn.Module) -> Iterator[tuple[RosaModel, str, object]]:
-    """``(tuner, adapter name, config)`` of every active RoSA adapter of ``model`` (a PeftModel, maybe wrapped)."""
-    for module in model.modules():
-        if isinstance(module, RosaModel):
-            for adapter_name, config in module.peft_config.items():
-                if adapter_name in module.active_adapters:
-                    yield module, adapter_name, config
 
 
 class RosaCallback(LoggingCallback, CheckpointStateCallback):
@@ -42,12 +31,12 @@ class RosaCallback(LoggingCallback, CheckpointStateCallback):
     state_file_name = "rosa_mask_state.safetensors"
 
     def _gradient_rule_adapters(self, model: nn.Module):
-        for tuner, adapter_name, config in rosa_adapters(model):
+        for tuner, adapter_name, config in active_adapters_of(model, RosaModel):
             if config.mask_rule == "gradient":
                 yield tuner, adapter_name, config
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        check_model_has_method(self, model, any(rosa_adapters(model)), "RosaConfig")
+        check_model_has_method(self, model, any(active_adapters_of(model, RosaModel)), "RosaConfig")
         for tuner, adapter_name, config in self._gradient_rule_adapters(model):
             if config.mask_step > state.max_steps:
                 raise ValueError(
@@ -80,18 +69,8 @@ class RosaCallback(LoggingCallback, CheckpointStateCallback):
         return values
 
     def checkpoint_state(self, model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
-        open_windows, tensors = [], {}
-        for tuner, adapter_name, _ in self._gradient_rule_adapters(model):
-            if tuner.selection_window_open(adapter_name):
-                tuner.synchronize_selection_statistics(adapter_name)  # the same on every rank from here on
-                open_windows.append(adapter_name)
-                state = tuner.selection_state(adapter_name)
-                tensors.update({f"{adapter_name}/{key}": tensor for key, tensor in state.items()})
+        open_windows, tensors = open_window_state(self._gradient_rule_adapters(model))
         return {"open_windows": open_windows}, tensors
 
     def restore_checkpoint_state(self, model: nn.Module, attributes: dict, tensors: dict[str, torch.Tensor]) -> None:
-        for tuner, adapter_name, _ in self._gradient_rule_adapters(model):
-            if adapter_name in attributes["open_windows"]:
-                prefix = f"{adapter_name}/"
-                state = {key[len(prefix) :]: tensor for key, tensor in tensors.items() if key.startswith(prefix)}
-                tuner.load_selection_state(adapter_name, state)
+        restore_open_windows(self._gradient_rule_adapters(model), attributes["open_windows"], tensors)

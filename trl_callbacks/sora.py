@@ -9,17 +9,13 @@ from torch.optim import Optimizer
 
 from peft_sparse.tuners.sora import SoraConfig, SoraModel
 
-from .model_check import check_model_has_method
+from .model_check import active_adapters_of, check_model_has_method
 from .reporting import LoggingCallback
 
 
 def sora_adapters(model: nn.Module) -> Iterator[tuple[SoraModel, str, SoraConfig]]:
     """(tuner, adapter name, config) of every active SoRA adapter inside ``model``."""
-    for module in model.modules():
-        if isinstance(module, SoraModel):
-            for adapter_name, config in module.peft_config.items():
-                if adapter_name in module.active_adapters:
-                    yield module, adapter_name, config
+    return active_adapters_of(model, SoraModel)
 
 
 def trainable_gates(tuner: SoraModel, adapter_name: str) -> list[nn.Parameter]:

@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import torch
 from torch import nn
 
 from peft_sparse.sparse.tuner import SparseDeltaTuner
 
-from .checkpoint_state import CheckpointStateCallback
-from .model_check import check_model_has_method
+from .checkpoint_state import CheckpointStateCallback, open_window_state, restore_open_windows
+from .model_check import active_adapters_of, check_model_has_method
 from .reporting import LoggingCallback
 from .schedules import reselection_rate
 
 FROZEN_SLOTS = "frozen_slots"  # checkpoint key part of SaRA/HFT frozen slots (not a layer name: it has no dots)
-
-
-def sparse_delta_tuners(model: nn.Module) -> Iterator[SparseDeltaTuner]:
-    """Every sparse-delta tuner inside ``model`` (a PeftModel, possibly wrapped by DDP)."""
-    for module in model.modules():
-        if isinstance(module, SparseDeltaTuner):
-            yield module
 
 
 class SparseUpdateCallback(LoggingCallback, CheckpointStateCallback):
@@ -56,10 +47,7 @@ class SparseUpdateCallback(LoggingCallback, CheckpointStateCallback):
         return {"log_layer_metrics": self.log_layer_metrics}
 
     def _active_adapters(self, model: nn.Module):
-        for tuner in sparse_delta_tuners(model):
-            for adapter_name, config in tuner.peft_config.items():
-                if adapter_name in tuner.active_adapters:
-                    yield tuner, adapter_name, config
+        return active_adapters_of(model, SparseDeltaTuner)
 
     def _dynamic_adapters(self, model: nn.Module):
         for tuner, adapter_name, config in self._active_adapters(model):
@@ -148,13 +136,7 @@ class SparseUpdateCallback(LoggingCallback, CheckpointStateCallback):
         return values
 
     def checkpoint_state(self, model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
-        open_windows, tensors = [], {}
-        for tuner, adapter_name, _ in self._dynamic_adapters(model):
-            if tuner.selection_window_open(adapter_name):
-                tuner.synchronize_selection_statistics(adapter_name)  # the same on every rank from here on
-                open_windows.append(adapter_name)
-                state = tuner.selection_state(adapter_name)
-                tensors.update({f"{adapter_name}/{key}": tensor for key, tensor in state.items()})
+        open_windows, tensors = open_window_state(self._dynamic_adapters(model))
         frozen = []
         for tuner, adapter_name, _ in self._slot_freezing_adapters(model):
             frozen.append(adapter_name)
@@ -165,11 +147,7 @@ class SparseUpdateCallback(LoggingCallback, CheckpointStateCallback):
 
     def restore_checkpoint_state(self, model: nn.Module, attributes: dict, tensors: dict[str, torch.Tensor]) -> None:
         self._churn_since_log = dict(attributes.get("churn_since_log", {}))  # absent from older checkpoints
-        for tuner, adapter_name, _ in self._dynamic_adapters(model):
-            if adapter_name in attributes["open_windows"]:
-                prefix = f"{adapter_name}/"
-                state = {key[len(prefix) :]: tensor for key, tensor in tensors.items() if key.startswith(prefix)}
-                tuner.load_selection_state(adapter_name, state)
+        restore_open_windows(self._dynamic_adapters(model), attributes["open_windows"], tensors)
         for tuner, adapter_name, _ in self._slot_freezing_adapters(model):
             if adapter_name in attributes.get("frozen_slots", []):  # absent from older checkpoints
                 prefix = f"{adapter_name}/{FROZEN_SLOTS}/"
