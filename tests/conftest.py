@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 # Triton decides when `triton.language` is imported whether its library functions (tl.sum,
 # tl.zeros, ...) run on its CPU interpreter, and peft imports triton: so import it here, first,
@@ -74,6 +76,13 @@ def randomize_values(model: nn.Module, seed: int = 1, scale: float = 0.1) -> Non
             if isinstance(module, SparseDeltaLayer):
                 for parameter in module.delta_values.values():
                     parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+
+
+def run_child(code: str, *args) -> None:
+    """Run ``code`` in a fresh Python process with ``args`` as ``sys.argv[1:]``; it must exit 0 and print CHILD-OK."""
+    result = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "CHILD-OK" in result.stdout
 
 
 def assert_same_adapter(actual: dict, expected: dict, atol: float = 1e-6) -> None:

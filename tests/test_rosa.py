@@ -1,8 +1,6 @@
 """RoSA / DSEE: forward and gradients against a dense reference, both mask rules against brute force, round trips."""
 
 import json
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -17,7 +15,7 @@ from peft_sparse import RosaConfig, export_to_lora
 from peft_sparse.sparse.indices import random_unique_indices
 from peft_sparse.summary import budget_text, layer_table, model_weight_shapes, summarize_adapter
 from peft_sparse.tuners.rosa import RosaLinear
-from tests.conftest import assert_same_adapter, make_mlp, make_tiny_llama, randomize_values
+from tests.conftest import assert_same_adapter, make_mlp, make_tiny_llama, randomize_values, run_child
 from tests.test_save_load import logits_of
 from tests.test_trainer import repeating_sequences, training_args
 from trl_callbacks import RosaCallback, SparseUpdateCallback
@@ -32,12 +30,6 @@ def rosa_model(make_base=make_tiny_llama, **kwargs):
     model = get_peft_model(make_base(), config)
     randomize_values(model)
     return model
-
-
-def run_child(code: str, *args) -> None:
-    result = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "CHILD-OK" in result.stdout
 
 
 # --- one layer against a dense reference ----------------------------------------------------------

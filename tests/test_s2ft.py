@@ -1,8 +1,6 @@
 """S2FT: slice layers (GEMM gradient, dense additive term), budgets, selection, round trips, exact LoRA export."""
 
 import json
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -16,7 +14,7 @@ from transformers.pytorch_utils import Conv1D
 
 from peft_sparse import S2ftConfig
 from peft_sparse.tuners.s2ft.layer import COLUMNS, ROWS, S2ftLinear, slice_indices
-from tests.conftest import make_tiny_gpt2, make_tiny_llama, randomize_values
+from tests.conftest import make_tiny_gpt2, make_tiny_llama, randomize_values, run_child
 from tests.test_save_load import logits_of
 
 COUPLED = dict(ffn_input_modules=["up_proj", "gate_proj"])
@@ -26,12 +24,6 @@ def s2ft_model(make_base=make_tiny_llama, **kwargs):
     model = get_peft_model(make_base(), S2ftConfig(**{"num_heads": 1, "num_channels": 8, **kwargs}))
     randomize_values(model)
     return model
-
-
-def run_child(code: str, *args) -> None:
-    result = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "CHILD-OK" in result.stdout
 
 
 # --- one layer ------------------------------------------------------------------------------------

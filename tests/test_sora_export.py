@@ -1,8 +1,6 @@
 """SoRA adapters: save/load as SORA, and export to a stock peft LoRA that loads without peft_sparse."""
 
 import json
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -13,7 +11,7 @@ from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
 from peft_sparse import SoraConfig, export_sora_to_lora
 from peft_sparse.tuners.sora import SoraLinear
-from tests.conftest import make_tiny_gpt2, make_tiny_llama
+from tests.conftest import make_tiny_gpt2, make_tiny_llama, run_child
 from tests.test_sora import logits_of, randomize_sora
 
 STOCK_PEFT_CHILD = textwrap.dedent(
@@ -52,12 +50,6 @@ SORA_CHILD = textwrap.dedent(
     print("CHILD-OK")
     """
 )
-
-
-def run_child(code: str, *args) -> None:
-    result = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "CHILD-OK" in result.stdout
 
 
 def trained_looking_sora(base, dead_layer: str):
