@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import time
 
+import torch
+
 from peft import get_peft_model
 from transformers import Trainer, TrainingArguments
 
@@ -29,6 +31,9 @@ def main(argv: list[str] | None = None) -> dict:
                       output_dir="outputs/sft-arithmetic")
     parser.add_argument("--density", type=float, default=0.01)
     parser.add_argument("--selection", default="ag", choices=["ag", "ma", "random"])
+    parser.add_argument("--values-dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="dtype of the trained values; bfloat16 is what TRL's SFTTrainer casts them to on a "
+                        "quantized base")
     args = parser.parse_args(argv)
 
     model, tokenizer, eval_problems, before = load_and_score(args)
@@ -39,6 +44,9 @@ def main(argv: list[str] | None = None) -> dict:
         target_modules="all-linear", task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, config)
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.to(getattr(torch, args.values_dtype))
     model.print_trainable_parameters()
     train_set = [training_example(tokenizer, q, a)
                  for q, a in arithmetic_problems(args.steps * args.batch_size, seed=args.seed)]

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from peft import LoraConfig, PeftModel
@@ -115,13 +116,18 @@ def test_arithmetic_example_trains_each_method_at_the_same_budget(method, tiny_c
     assert scores["general_loss_rise"] != 0.0 and torch.isfinite(torch.tensor(scores["general_loss_rise"]))
 
 
-def test_sft_example_trains_and_saves_a_loadable_adapter(tiny_chat_model, tmp_path):
+@pytest.mark.parametrize("values_dtype", ["float32", "bfloat16"])
+def test_sft_example_trains_and_saves_a_loadable_adapter(tiny_chat_model, tmp_path, values_dtype):
     out = tmp_path / "sft"
     scores = sft_arithmetic.main([
         "--model", str(tiny_chat_model), "--steps", "6", "--batch-size", "4", "--learning-rate", "1e-2",
-        "--density", "0.05", "--eval-problems", "4", "--output-dir", str(out),
+        "--density", "0.05", "--eval-problems", "4", "--output-dir", str(out), "--values-dtype", values_dtype,
     ])  # fmt: skip
     assert scores["after"]["answer_loss"] < scores["before"]["answer_loss"]
+    saved = load_file(out / "adapter_model.safetensors")
+    assert {tensor.dtype for key, tensor in saved.items() if key.endswith("sparse_values")} == {
+        getattr(torch, values_dtype)
+    }
     base, tokenizer = arithmetic_task.load_model_and_tokenizer(str(tiny_chat_model))
     reloaded = PeftModel.from_pretrained(base, out)
     again = arithmetic_task.evaluate(reloaded, tokenizer, arithmetic_task.arithmetic_problems(4, seed=1000))
