@@ -359,3 +359,30 @@ def test_merge_on_a_quantized_base_raises_and_changes_nothing(tiny_llama_dir, me
         base = model.unload()  # without merging: the quantized base as it was
         assert isinstance(base.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
         assert torch.equal(base(input_ids=ids).logits, base_output)
+
+
+def test_sft_trainer_casts_values_to_bf16_and_the_readme_loop_keeps_them_fp32(tmp_path):
+    """TRL casts trainable parameters of a quantized model to bf16; the README's loop after the
+    trainer is built puts them back to fp32, and training then updates fp32 values."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from test_examples import save_tiny_chat_model
+
+    model_dir = save_tiny_chat_model(tmp_path / "model")
+    texts = [f"What is {n} + 1? The answer is {n + 1}." for n in range(16)]
+    trainer = SFTTrainer(
+        model=load_quantized(model_dir, "nf4"),
+        args=SFTConfig(output_dir=str(tmp_path / "run"), max_steps=2, use_cpu=True, report_to=[],
+                       per_device_train_batch_size=4, learning_rate=1e-2),
+        train_dataset=Dataset.from_dict({"text": texts}),
+        peft_config=SparseConfig(density=0.1, target_modules=["q_proj", "down_proj"], task_type="CAUSAL_LM"),
+    )
+    values = [parameter for parameter in trainer.model.parameters() if parameter.requires_grad]
+    assert {parameter.dtype for parameter in values} == {torch.bfloat16}  # TRL's QLoRA cast
+    for p in trainer.model.parameters():  # the README's loop, as written
+        p.data = p.data.float() if p.requires_grad else p.data
+    before = [parameter.detach().clone() for parameter in values]
+    trainer.train()
+    assert {parameter.dtype for parameter in values} == {torch.float32}
+    assert any(not torch.equal(old, parameter) for old, parameter in zip(before, values))
