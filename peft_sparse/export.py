@@ -31,6 +31,15 @@ from .tuners.sora import SoraModel
 CHECKPOINT_PREFIX = "base_model.model."
 
 
+def checked_adapter_config(model: PeftModel, tuner_class: type, described: str, adapter_name: str):
+    """The config of ``adapter_name``; ValueError unless ``model`` is a PeftModel whose tuner is ``tuner_class``."""
+    if not isinstance(model, PeftModel) or not isinstance(model.base_model, tuner_class):
+        raise ValueError(f"model must be a PeftModel with {described} adapter, got {type(model).__name__}")
+    if adapter_name not in model.peft_config:
+        raise ValueError(f"adapter_name must be one of {sorted(model.peft_config)}, got {adapter_name!r}")
+    return model.peft_config[adapter_name]
+
+
 def export_sora_to_lora(model: PeftModel, out_dir: Union[str, PathLike], adapter_name: str = "default") -> Path:
     """Write adapter ``adapter_name`` of a SoRA ``model`` to ``out_dir`` as a plain LoRA adapter; return the path.
 
@@ -46,11 +55,7 @@ def export_sora_to_lora(model: PeftModel, out_dir: Union[str, PathLike], adapter
         >>> lora_dir = export_sora_to_lora(model, "lora_out")  # doctest: +SKIP
         >>> PeftModel.from_pretrained(base_model, lora_dir)  # in any process, without peft_sparse  # doctest: +SKIP
     """
-    if not isinstance(model, PeftModel) or not isinstance(model.base_model, SoraModel):
-        raise ValueError(f"model must be a PeftModel with a SoraConfig adapter, got {type(model).__name__}")
-    if adapter_name not in model.peft_config:
-        raise ValueError(f"adapter_name must be one of {sorted(model.peft_config)}, got {adapter_name!r}")
-    config = model.peft_config[adapter_name]
+    config = checked_adapter_config(model, SoraModel, "a SoraConfig", adapter_name)
 
     tensors: dict[str, torch.Tensor] = {}
     rank_pattern: dict[str, int] = {}

@@ -16,7 +16,7 @@ from typing import Union
 import torch
 from peft import PeftModel
 
-from ...export import CHECKPOINT_PREFIX, saved_modules_besides, write_lora_export
+from ...export import CHECKPOINT_PREFIX, checked_adapter_config, saved_modules_besides, write_lora_export
 from .layer import SliceDelta
 from .model import S2ftModel
 
@@ -45,11 +45,7 @@ def export_s2ft_to_lora(model: PeftModel, out_dir: Union[str, PathLike], adapter
         >>> lora_dir = export_s2ft_to_lora(model, "lora_out")  # doctest: +SKIP
         >>> PeftModel.from_pretrained(base_model, lora_dir)  # any process, without peft_sparse  # doctest: +SKIP
     """
-    if not isinstance(model, PeftModel) or not isinstance(model.base_model, S2ftModel):
-        raise ValueError(f"model must be a PeftModel with an S2ftConfig adapter, got {type(model).__name__}")
-    if adapter_name not in model.peft_config:
-        raise ValueError(f"adapter_name must be one of {sorted(model.peft_config)}, got {adapter_name!r}")
-    config = model.peft_config[adapter_name]
+    config = checked_adapter_config(model, S2ftModel, "an S2ftConfig", adapter_name)
     tensors: dict[str, torch.Tensor] = {}
     rank_pattern: dict[str, int] = {}
     targets: list[str] = []
