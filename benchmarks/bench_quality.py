@@ -37,9 +37,9 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import TrainerCallback
 
-from peft_sparse import SnellConfig, SoraConfig
+from peft_sparse import LiftConfig, SnellConfig, SoraConfig, SparseConfig
 from peft_sparse.tuners.sora import SoraLayer
-from trl_callbacks import SoraCallback
+from trl_callbacks import SoraCallback, SparseUpdateCallback
 
 from benchmark_metadata import write_text_atomically
 
@@ -81,6 +81,26 @@ def build_snell(base: nn.Module, settings: dict):
     return get_peft_model(base, config), []
 
 
+def lora_matched_count(base: nn.Module, rank: int) -> int:
+    """Values of LoRA rank ``rank`` on every linear layer but the classifier head ("all-linear")."""
+    return sum(rank * (module.in_features + module.out_features)
+               for name, module in base.named_modules() if isinstance(module, nn.Linear) and "classifier" not in name)
+
+
+def build_sft(base: nn.Module, settings: dict):
+    """SFT ("ag" prune/regrow every 20 steps) at LoRA rank r's total count, split over the matrices by size."""
+    config = SparseConfig(num_tunable_weights=lora_matched_count(base, settings["r"]), target_modules="all-linear",
+                          selection="ag", reselection_steps=20, task_type=settings["task_type"])
+    return get_peft_model(base, config), [SparseUpdateCallback(log_layer_metrics=False)]
+
+
+def build_lift(base: nn.Module, settings: dict):
+    """LIFT at LoRA rank r's count per matrix, principal weights of a rank-128 approximation."""
+    config = LiftConfig(lora_rank_budget=settings["r"], rank=128, target_modules="all-linear",
+                        task_type=settings["task_type"])
+    return get_peft_model(base, config), []
+
+
 def adapter_ranks(model: nn.Module) -> dict:
     """Total (live) rank over the adapted layers, its fraction of the starting rank, and the LoRA size it makes."""
     live = start = params = 0
@@ -106,6 +126,8 @@ METHODS: dict[str, Method] = {
                    [{"learning_rate": lr, "gate_lr": 5e-2, "xi_schedule": "constant", "xi_start": xi, "xi_end": xi}
                     for lr in (2e-3, 3e-3, 5e-3) for xi in (0.3, 0.5)],
                    adapter_ranks),
+    "sft": Method(build_sft, {"learning_rate": 3e-3}, [{"learning_rate": lr} for lr in (1e-3, 3e-3, 5e-3)]),
+    "lift": Method(build_lift, {"learning_rate": 3e-3}, [{"learning_rate": lr} for lr in (1e-3, 3e-3, 5e-3)]),
     "snell": Method(build_snell, {"learning_rate": 5e-3, "sparsity": 0.9},
                     [{"learning_rate": lr, "sparsity": s} for lr in (2e-3, 5e-3, 1e-2) for s in (0.5, 0.9)]),
 }
