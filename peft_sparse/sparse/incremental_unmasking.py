@@ -17,7 +17,7 @@ import torch
 from triton_kernels import sampled_dense_dense_matmul
 
 from .distributed import all_reduce_sum_, world_size
-from .indices import csr_pattern, index_dtype_for
+from .selection import CandidateGradientWindow, top_inactive
 
 
 def d3_score(gradient: torch.Tensor, weight: torch.Tensor, epsilon: float, exponent: float) -> torch.Tensor:
@@ -44,7 +44,7 @@ def unmasked_count(budget: int, step: int, max_steps: int) -> int:
     return budget // max_steps * step + min(step, budget % max_steps)
 
 
-class D3Growth:
+class D3Growth(CandidateGradientWindow):
     """Statistics of one unmasking step: the masked entries with the largest D3 score of the step's gradient.
 
     ``unmasked_indices`` are excluded (masked slots' own indices are candidates: their value is 0).
@@ -61,31 +61,17 @@ class D3Growth:
         exponent: float,
         num_candidates: int,
     ) -> None:
-        self.unmasked_indices = unmasked_indices.clone()
-        self.weight_shape = weight_shape
+        super().__init__(unmasked_indices, weight_shape, num_candidates)
         self.weight_of = weight_of
         self.epsilon, self.exponent = epsilon, exponent
-        self.num_candidates = num_candidates
-        self.candidates: torch.Tensor | None = None
-        self.accumulated: torch.Tensor | None = None
 
-    def observe(self, left: torch.Tensor, right: torch.Tensor) -> None:
-        if self.candidates is not None:
-            self.accumulated += sampled_dense_dense_matmul(left, right, self._crow, self._col)
-            return
+    def _open_window(self, left: torch.Tensor, right: torch.Tensor) -> None:
         gradient = left.float() @ right.float()  # the step's first micro-batch: one dense product, then dropped
         if world_size() > 1:  # every rank must choose the same candidates: from the gradient summed over ranks
             all_reduce_sum_(gradient)
         score = d3_score(gradient, self.weight_of(), self.epsilon, self.exponent).view(-1)
-        score[self.unmasked_indices.long()] = -1.0
-        count = min(self.num_candidates, score.numel() - self.unmasked_indices.numel())
-        candidates = torch.topk(score, count, sorted=False).indices.sort().values
-        self.candidates = candidates.to(index_dtype_for(score.numel()))
-        self._crow, self._col = csr_pattern(self.candidates, self.weight_shape)
+        self._set_candidates(top_inactive(score, self.active_indices, self.num_candidates))
         self.accumulated = sampled_dense_dense_matmul(left, right, self._crow, self._col)
-
-    def process_sums(self) -> list[torch.Tensor]:
-        return [] if self.accumulated is None else [self.accumulated]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}  # a window lasts one step and no checkpoint falls inside a step
@@ -96,11 +82,11 @@ class D3Growth:
     def grow_with_gradients(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Sorted flat indices of the ``count`` best D3 scores among the candidates, and their summed gradients."""
         if self.candidates is None or count == 0:
-            empty = torch.empty(0, dtype=self.unmasked_indices.dtype, device=self.unmasked_indices.device)
+            empty = torch.empty(0, dtype=self.active_indices.dtype, device=self.active_indices.device)
             return empty, torch.empty(0, dtype=torch.float32, device=empty.device)
         weight = self.weight_of().reshape(-1)[self.candidates.long()]
         score = d3_score(self.accumulated, weight, self.epsilon, self.exponent)
         best = torch.topk(score, min(count, score.numel()), sorted=False).indices
         order = torch.argsort(self.candidates[best].long())
         best = best[order]
-        return self.candidates[best].to(self.unmasked_indices.dtype), self.accumulated[best]
+        return self.candidates[best].to(self.active_indices.dtype), self.accumulated[best]

@@ -39,7 +39,7 @@ class GrowthStatistics(Protocol):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
 
 
-def _top_inactive(score: torch.Tensor, active_indices: torch.Tensor, count: int) -> torch.Tensor:
+def top_inactive(score: torch.Tensor, active_indices: torch.Tensor, count: int) -> torch.Tensor:
     """Sorted positions of the ``count`` largest entries of ``score`` (flat, >= 0) outside ``active_indices``.
 
     ``score`` is overwritten.
@@ -49,10 +49,12 @@ def _top_inactive(score: torch.Tensor, active_indices: torch.Tensor, count: int)
     return torch.topk(score, count, sorted=False).indices.sort().values
 
 
-class AccumulatedGradientGrowth:
-    """SpIEL "AG": candidates = top-|grad| inactive entries of the window's first micro-batch;
-    their gradients are summed over the window (by SDDMM, no dense gradient after the first
-    micro-batch) and the largest ``|sum|`` grow.
+class CandidateGradientWindow:
+    """Gradients summed over a window at candidate entries chosen on its first micro-batch.
+
+    Subclasses choose the candidates in ``_open_window(left, right)`` (setting them with
+    ``_set_candidates`` and ``accumulated`` to the first micro-batch's gradient there); later
+    micro-batches add theirs by SDDMM, so no dense gradient outlives the first micro-batch.
     """
 
     def __init__(self, active_indices: torch.Tensor, weight_shape: tuple[int, int], num_candidates: int) -> None:
@@ -63,19 +65,13 @@ class AccumulatedGradientGrowth:
         self.accumulated: torch.Tensor | None = None
 
     def observe(self, left: torch.Tensor, right: torch.Tensor) -> None:
-        if self.candidates is not None:
+        if self.candidates is None:
+            self._open_window(left, right)
+        else:
             self.accumulated += sampled_dense_dense_matmul(left, right, self._crow, self._col)
-            return
-        if world_size() == 1:
-            # the window's first micro-batch: a dense product (on CUDA scanned tile by tile, never stored)
-            candidates, self.accumulated = topk_candidates(left, right, self.active_indices, self.num_candidates)
-            self._set_candidates(candidates)
-            return
-        # every rank must pick the same candidates: from the gradient summed over ranks (one dense
-        # all-reduce per matrix and window), while each rank accumulates its own share at them
-        gradient = all_reduce_sum_(left.float() @ right.float())
-        self._set_candidates(_top_inactive(gradient.abs_().view(-1), self.active_indices, self.num_candidates))
-        self.accumulated = sampled_dense_dense_matmul(left, right, self._crow, self._col)
+
+    def _open_window(self, left: torch.Tensor, right: torch.Tensor) -> None:
+        raise NotImplementedError
 
     def _set_candidates(self, candidates: torch.Tensor) -> None:
         self.candidates = candidates.to(index_dtype_for(self.weight_shape[0] * self.weight_shape[1]))
@@ -83,6 +79,25 @@ class AccumulatedGradientGrowth:
 
     def process_sums(self) -> list[torch.Tensor]:
         return [] if self.accumulated is None else [self.accumulated]
+
+
+class AccumulatedGradientGrowth(CandidateGradientWindow):
+    """SpIEL "AG": candidates = top-|grad| inactive entries of the window's first micro-batch;
+    their gradients are summed over the window (by SDDMM, no dense gradient after the first
+    micro-batch) and the largest ``|sum|`` grow.
+    """
+
+    def _open_window(self, left: torch.Tensor, right: torch.Tensor) -> None:
+        if world_size() == 1:
+            # a dense product (on CUDA scanned tile by tile, never stored)
+            candidates, self.accumulated = topk_candidates(left, right, self.active_indices, self.num_candidates)
+            self._set_candidates(candidates)
+            return
+        # every rank must pick the same candidates: from the gradient summed over ranks (one dense
+        # all-reduce per matrix and window), while each rank accumulates its own share at them
+        gradient = all_reduce_sum_(left.float() @ right.float())
+        self._set_candidates(top_inactive(gradient.abs_().view(-1), self.active_indices, self.num_candidates))
+        self.accumulated = sampled_dense_dense_matmul(left, right, self._crow, self._col)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.candidates is None:
@@ -172,7 +187,7 @@ class MomentumApproximationGrowth:
         if not self.observed:
             return torch.empty(0, dtype=self.active_indices.dtype, device=self.active_indices.device)
         score = torch.outer(self.row_statistics, self.col_statistics).view(-1)
-        return _top_inactive(score, self.active_indices, count).to(self.active_indices.dtype)
+        return top_inactive(score, self.active_indices, count).to(self.active_indices.dtype)
 
 
 def smallest_magnitude_positions(values: torch.Tensor, count: int) -> torch.Tensor:
