@@ -16,7 +16,7 @@ from .combine import (
 )  # fmt: skip
 from .compact_format import compact_tensors, expand_tensors
 from .distributed import all_reduce_mean_, assign_full_, full_tensor
-from ..quantization import quantization_of, weight_matrix_shape
+from ..quantization import dequantized_weight, quantization_of, weight_matrix_shape
 from .indices import check_index_set, layer_seed
 from .layer import SUPPORTED_BASE_LAYERS, SparseDeltaLayer, SparseDeltaLinear
 from .optimizer_state import remap_optimizer_state
@@ -55,6 +55,13 @@ class SparseDeltaTuner(AllOrNothingTuner):
 
     def _initial_indices(self, config, base_layer: nn.Module, count: int, module_name: str) -> torch.Tensor:
         raise NotImplementedError
+
+    def _base_weight(self, module_name: str, base_layer: nn.Module) -> torch.Tensor:
+        """``W0`` of a target module for choosing indices: without other adapters' in-place deltas, dequantized."""
+        layer = self.model.get_submodule(module_name)
+        if isinstance(layer, SparseDeltaLayer) and layer.writes_in_place:  # may hold another adapter's delta
+            return layer.pristine_weight()
+        return dequantized_weight(base_layer)  # a 4-bit/8-bit weight: for this choice only
 
     def _growth_statistics(self, config, layer: SparseDeltaLayer, adapter_name: str) -> Optional[GrowthStatistics]:
         """Statistics for the next selection step, or None if the method never changes its indices."""

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ...quantization import dequantized_weight, weight_matrix_shape
+from ...quantization import weight_matrix_shape
 from ...sparse.indices import index_dtype_for, layer_seed, random_unique_indices
 from ...sparse.layer import SparseDeltaLayer
 from ...sparse.tuner import SparseDeltaTuner
@@ -38,12 +38,7 @@ class RosaModel(SparseDeltaTuner):
     def _initial_indices(self, config: RosaConfig, base_layer: nn.Module, count: int, module_name: str):
         rows, cols = weight_matrix_shape(base_layer)
         if config.mask_rule == "magnitude" and not config.inference_mode:
-            # another adapter may be written into the weight: DSEE decomposes the pristine W0
-            layer = self.model.get_submodule(module_name)
-            if isinstance(layer, SparseDeltaLayer) and layer.writes_in_place:
-                weight = layer.pristine_weight()
-            else:
-                weight = dequantized_weight(base_layer)  # a 4-bit/8-bit weight: for this choice only
+            weight = self._base_weight(module_name, base_layer)  # DSEE decomposes the pristine W0
             return residual_magnitude_indices(weight, config.r, count, layer_seed(config.init_seed, module_name))
         if config.inference_mode:  # indices come from the checkpoint; any valid set will do here
             return torch.arange(count, dtype=index_dtype_for(rows * cols))

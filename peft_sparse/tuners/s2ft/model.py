@@ -9,9 +9,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import PreTrainedModel
 
-from ...quantization import dequantized_weight, weight_matrix_shape
+from ...quantization import weight_matrix_shape
 from ...sparse.indices import layer_seed
-from ...sparse.layer import SUPPORTED_BASE_LAYERS, SparseDeltaLayer
+from ...sparse.layer import SUPPORTED_BASE_LAYERS
 from ...sparse.tuner import SparseDeltaTuner
 from .config import S2ftConfig
 from .layer import COLUMNS, ROWS, QuantizedS2ftLinear, S2ftLinear, SliceDelta, slice_indices, slice_of
@@ -175,11 +175,7 @@ class S2ftModel(SparseDeltaTuner):
             generator = torch.Generator().manual_seed(layer_seed(config.init_seed, module_name))
             chosen = torch.randperm(num_groups, generator=generator)[:count]
         else:
-            layer = self.model.get_submodule(module_name)
-            if isinstance(layer, SparseDeltaLayer) and layer.writes_in_place:  # may hold another adapter's delta
-                weight = layer.pristine_weight().float()
-            else:
-                weight = dequantized_weight(self._base_of(module_name)).float()
+            weight = self._base_weight(module_name, self._base_of(module_name)).float()
             if not isinstance(self._base_of(module_name), nn.Linear):
                 weight = weight.t()  # [out, in]
             column_norms = weight.square().sum(0).view(num_groups, group_size).sum(1)
