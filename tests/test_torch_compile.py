@@ -106,6 +106,8 @@ def train_steps(model: torch.nn.Module, case: CompileCase, compiled: bool, input
         losses.append(loss.item())
     # what changes between steps (values, SFT's indices, SoRA's gates, SNELLA's kept counts) is not guarded on
     assert compiled_graphs() == graphs_after_first_step, "a later step recompiled"
+    if compiled:  # Dynamo captured the model: a silently disabled torch.compile would compare eager with eager
+        assert compiled_graphs() > 0, "torch.compile captured no graph"
     return losses
 
 
