@@ -6,6 +6,7 @@ from peft import PeftModel, get_peft_model
 from transformers import Trainer
 
 import peft_sparse.tuners.lift.model as lift_model
+import peft_sparse
 from peft_sparse import LiftConfig
 from peft_sparse.sparse.principal import principal_weight_indices
 from tests.conftest import make_tiny_llama
@@ -153,3 +154,23 @@ def test_budget_formulas():
     assert LiftConfig(density=0.05).count_for((4096, 4096)) == round(0.05 * 4096 * 4096)
     assert LiftConfig(rank=0.5).rank_for((576, 1536)) == 288
     assert LiftConfig(rank=1000).rank_for((576, 1536)) == 576
+
+
+@pytest.mark.parametrize(
+    "config_class, fields",
+    [(LiftConfig, {"rank": 4}), (peft_sparse.SparseConfig, {"selection": "sara"})],
+    ids=["lift", "sara"],
+)
+def test_second_adapter_chooses_from_w0_not_from_a_delta_written_in_place(config_class, fields):
+    def make_config(**extra):
+        return config_class(density=0.1, target_modules=["q_proj"], **fields, **extra)
+
+    input_ids = torch.arange(3, 20).reshape(1, -1)
+    model = get_peft_model(make_tiny_llama(), make_config(init_weights=False))
+    model(input_ids=input_ids)  # the first adapter's delta is now written into the weights
+    model.add_adapter("second", make_config())
+    fresh = get_peft_model(make_tiny_llama(), make_config(), adapter_name="second")
+    for name, layer in fresh.base_model.sparse_delta_layers():
+        held = model.base_model.model.get_submodule(name)
+        assert held._written  # the first delta really is in the weight
+        assert torch.equal(held.delta_indices["second"], layer.delta_indices["second"])

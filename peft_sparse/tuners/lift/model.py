@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...quantization import dequantized_weight, weight_matrix_shape
+from ...quantization import weight_matrix_shape
 from ...sparse.indices import index_dtype_for, layer_seed
 from ...sparse.layer import SparseDeltaLayer
 from ...sparse.principal import principal_weight_indices
@@ -75,7 +75,7 @@ class LiftModel(SparseDeltaTuner):
             total = len(self._matched_weight_sizes(config))
             self._selection_progress = tqdm(total=total, desc="LIFT: selecting principal weights", unit="matrix")
         # a 4-bit/8-bit weight is dequantized for its SVD only, one matrix at a time
-        indices = self._select(config, dequantized_weight(base_layer), count, module_name)
+        indices = self._select(config, self._base_weight(module_name, base_layer), count, module_name)
         self._selection_progress.update()
         return indices
 

@@ -42,7 +42,7 @@ class SparseModel(SparseDeltaTuner):
 
     def _initial_indices(self, config: SparseConfig, base_layer: nn.Module, count: int, module_name: str):
         if config.selection == "sara":  # a 4-bit/8-bit weight is dequantized for this choice only
-            return smallest_weight_indices(dequantized_weight(base_layer), count)
+            return smallest_weight_indices(self._base_weight(module_name, base_layer), count)
         if config.selection == "lt-sft" and quantization_of(base_layer) is not None:
             raise ValueError(
                 f"selection='lt-sft' trains the target weights densely before choosing its entries, which a "
