@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,15 @@ from .write_guard import GraphHolds
 GradientObserver = Callable[[torch.Tensor, torch.Tensor], None]
 
 
+class GradientBinding(Protocol):
+    """How backward computes one adapter's gradients from the factors of the stored weight's gradient."""
+
+    observer: Optional[GradientObserver]
+
+    def gradient(self, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Gradients of the adapter's trainable tensors, in order, from ``left [rows, T] @ right [T, cols]``."""
+
+
 @dataclass
 class SparseDeltaBinding:
     """What backward needs per adapter: the CSR pattern of its indices and an optional statistics observer."""
@@ -24,28 +33,29 @@ class SparseDeltaBinding:
     col_indices: torch.Tensor
     observer: Optional[GradientObserver] = None
 
-    def gradient(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-        """``d values`` [k]: the entries of ``left @ right`` at the pattern (SDDMM)."""
-        return sampled_dense_dense_matmul(left, right, self.crow_indices, self.col_indices)
+    def gradient(self, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor]:
+        """``(d values [k],)``: the entries of ``left @ right`` at the pattern (SDDMM)."""
+        return (sampled_dense_dense_matmul(left, right, self.crow_indices, self.col_indices),)
 
 
 class MergedSparseDeltaLinear(torch.autograd.Function):
-    """``y = x @ W^T + b`` where W holds ``W0 + delta``; backward gives ``d values`` from each binding.
+    """``y = x @ W^T + b`` where W holds ``W0 + delta``; backward gives each binding's gradients.
 
     ``weight_is_transposed`` is True for transformers' ``Conv1D`` (weight stored [in, out]).
-    Each binding computes its own ``d values`` from the gradient's factors (SDDMM for a sparse set,
-    a dense GEMM for a slice); the dense weight gradient is never formed, except inside an observer
-    on selection steps.
+    ``tensors`` are the bindings' trainable tensors, concatenated in binding order. Each binding
+    computes its own gradients from the weight gradient's factors (SDDMM for a sparse set, a dense
+    GEMM for a slice, the kernel chain rule for SNELL); the dense weight gradient is never formed
+    whole, except inside an observer on selection steps.
     With no bindings it is a plain linear whose graph is counted in ``holds``: while the graph
     lives, the layer does not write the weight (see :mod:`.write_guard`).
     """
 
     @staticmethod
-    def forward(ctx, inputs, weight, bias, weight_is_transposed, holds: GraphHolds, bindings, *values):
+    def forward(ctx, inputs, weight, bias, weight_is_transposed, holds: GraphHolds, bindings, *tensors):
         ctx.weight_is_transposed = weight_is_transposed
         ctx.bindings = bindings
         ctx.bias_requires_grad = bias is not None and bias.requires_grad
-        ctx.value_dtypes = [v.dtype for v in values]
+        ctx.tensor_dtypes = [tensor.dtype for tensor in tensors]
         ctx.save_for_backward(inputs, weight)
         if any(ctx.needs_input_grad):  # a graph keeps this ctx, and with it the saved weight
             ctx.weight_hold = holds.hold()
@@ -70,14 +80,14 @@ class MergedSparseDeltaLinear(torch.autograd.Function):
             left, right = inputs_2d.t(), grad_output_2d
         else:
             left, right = grad_output_2d.t(), inputs_2d
-        grad_values = []
-        for binding, dtype in zip(ctx.bindings, ctx.value_dtypes):
-            grad = binding.gradient(left, right)
-            grad_values.append(grad.to(dtype))
+        grads = []
+        for binding in ctx.bindings:
+            grads.extend(binding.gradient(left, right))
             if binding.observer is not None:
                 binding.observer(left, right)
         ctx.weight_hold.release()
-        return (grad_inputs, None, grad_bias, None, None, None, *grad_values)
+        grads = [grad.to(dtype) for grad, dtype in zip(grads, ctx.tensor_dtypes, strict=True)]
+        return (grad_inputs, None, grad_bias, None, None, None, *grads)
 
 
 def observe_weight_gradient(

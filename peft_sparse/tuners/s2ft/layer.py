@@ -78,12 +78,12 @@ class SliceBinding:
     weight_slice: WeightSlice
     observer: Optional[GradientObserver] = None
 
-    def gradient(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    def gradient(self, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor]:
         # left [rows, T], right [T, cols]; row-major order of the slice is the flat order of its indices
         positions = self.weight_slice.positions.to(left.device)
         if self.weight_slice.axis == COLUMNS:
-            return (left @ right.index_select(1, positions)).reshape(-1)  # [rows * n]
-        return (left.index_select(0, positions) @ right).reshape(-1)  # [n * cols]
+            return ((left @ right.index_select(1, positions)).reshape(-1),)  # [rows * n]
+        return ((left.index_select(0, positions) @ right).reshape(-1),)  # [n * cols]
 
 
 class SliceDelta:
