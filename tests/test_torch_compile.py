@@ -1,15 +1,20 @@
 """``torch.compile(model)`` (default mode, inductor, CPU fp32) trains every method as eager does.
 
 Each case trains the tiny Llama 3 AdamW steps twice, eager and compiled, from the same seed, with
-what the method's callback does between steps (selection window and prune/regrow for SFT, the
-gate's L1 gradient and proximal step for SoRA, importance and budget allocation for SNELLA).
-Sparse-delta layers (SFT, LIFT) run eagerly inside the compiled model (``torch.compiler.disable``:
-one graph break per layer), so the in-place delta and its invisibility rules are those of eager.
+what the method's callback does before and between steps (selection window and prune/regrow for SFT,
+frozen slots for SaRA/HFT, the nuclear-norm gradient for SaRA, unmasking for ID3, RoSA's gradient
+mask, the gate's L1 gradient and proximal step for SoRA, importance and budget allocation for
+SNELLA). Sparse-delta layers (SFT and its selections, LIFT, S2FT, RoSA's sparse part) run eagerly
+inside the compiled model (``torch.compiler.disable``: one graph break per layer), so the in-place
+delta and its invisibility rules are those of eager. LT-SFT's dense phase is run eagerly before the
+compiled sparse phase: it swaps the adapter layers for their base layers, which a compiled model
+would have to recompile for, and back.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import pytest
@@ -17,27 +22,39 @@ import torch
 from peft import get_peft_model
 
 from conftest import VOCAB_SIZE, make_tiny_llama
-from peft_sparse import LiftConfig, SnellConfig, SoraConfig, SparseConfig
+from peft_sparse import LiftConfig, RosaConfig, S2ftConfig, SnellConfig, SoraConfig, SparseConfig
+from peft_sparse.sparse.lottery_ticket import LotteryTicket
 
 STEPS = 3
 LOSS_TOLERANCE = 1e-5
 # every weight shape of the tiny Llama ([32, 32], [16, 32], [32, 64]) with 6 of its 14 linears: each
 # adapted sparse-delta or SNELL layer is a graph break, and fewer graphs keep a cold inductor cache fast
-TEST_TARGETS = ["q_proj", "v_proj", "down_proj"]
+TEST_TARGETS = ("q_proj", "v_proj", "down_proj")
+# the sparse-delta family adapts what S2FT trains (o_proj heads, up_proj rows and down_proj columns of FFN
+# channels), so S2FT reuses the family's graphs instead of compiling its own (measured: 47 s cold)
+SPARSE_DELTA_TARGETS = ("o_proj", "up_proj", "down_proj")
 
 
 def _no_hook(model, optimizer, step: int) -> None:
     return None
 
 
+def _no_begin(model) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class CompileCase:
-    """A method to train compiled: its config, and what its callback does before/after each optimizer step."""
+    """A method to train compiled: its config, and what its callback does at train begin and before/after each
+    optimizer step (``step`` counts from 0; the Trainer's ``global_step`` after it is ``step + 1``)."""
 
     family: str  # cases of one family build models of the same structure
     make_config: Callable[[], object]
     before_step: Callable = _no_hook
     after_step: Callable = _no_hook
+    begin: Callable = _no_begin  # before the optimizer is built and the first forward
+    targets: tuple[str, ...] = TEST_TARGETS
+    targets_from_config: bool = False  # S2FT derives its target modules from its *_modules fields
 
 
 def _open_window(model, optimizer, step: int) -> None:
@@ -66,11 +83,94 @@ def _allocate(model, optimizer, step: int) -> None:
     model.base_model.allocate("default", step + 1, STEPS)
 
 
+def _freeze_slots_at_begin(model) -> None:
+    model.base_model.update_frozen_slots("default", 0)
+
+
+def _nuclear_norm_gradient(model, optimizer, step: int) -> None:
+    model.base_model.add_nuclear_norm_gradient("default", step)
+
+
+def _update_frozen_slots(model, optimizer, step: int) -> None:
+    if (step + 1) % model.peft_config["default"].reselection_steps == 0:
+        model.base_model.update_frozen_slots("default", step + 1)
+
+
+def _mask_all_and_open_unmasking_window(model) -> None:
+    _freeze_slots_at_begin(model)
+    _open_due_unmasking_window(model, None, -1)
+
+
+def _unmask(model, optimizer, step: int) -> None:
+    if model.base_model.selection_window_open("default"):
+        model.base_model.unmask("default", step + 1, STEPS, optimizer)
+
+
+def _open_due_unmasking_window(model, optimizer, step: int) -> None:
+    if model.base_model.unmasking_due("default", step + 2, STEPS):  # the next optimizer step, 1-based
+        model.base_model.open_selection_window("default")
+
+
+def _dense_phase_and_draw(model) -> None:
+    """LT-SFT's dense phase (2 SGD steps of the target weights, eager) and the draw of its indices."""
+    ticket = LotteryTicket(model)
+    with ticket.dense_phase():
+        dense_optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        for _ in range(2):
+            model(input_ids=batch(), labels=batch()).loss.backward()
+            dense_optimizer.step()
+            dense_optimizer.zero_grad()
+    ticket.draw()
+
+
+def _hold_back_sparse_part_and_open_window(model) -> None:
+    model.base_model.hold_back_sparse_part("default")  # mask_warmup_steps=0: the window opens at once
+    model.base_model.open_selection_window("default")
+
+
+def _choose_gradient_mask(model, optimizer, step: int) -> None:
+    if step + 1 == model.peft_config["default"].mask_step:
+        model.base_model.choose_gradient_mask("default", optimizer)
+
+
+sparse_delta_case = partial(CompileCase, "sparse-delta", targets=SPARSE_DELTA_TARGETS)
+
 CASES = {
-    "sft-ag": CompileCase("sparse-delta", lambda: SparseConfig(density=0.1, selection="ag"), _open_window, _reselect),
-    "sft-ma": CompileCase("sparse-delta", lambda: SparseConfig(density=0.1, selection="ma"), _open_window, _reselect),
-    "sft-random": CompileCase("sparse-delta", lambda: SparseConfig(density=0.1, selection="random")),
-    "lift": CompileCase("sparse-delta", lambda: LiftConfig(density=0.1, rank=4)),
+    "sft-ag": sparse_delta_case(lambda: SparseConfig(density=0.1, selection="ag"), _open_window, _reselect),
+    "sft-ma": sparse_delta_case(lambda: SparseConfig(density=0.1, selection="ma"), _open_window, _reselect),
+    "sft-random": sparse_delta_case(lambda: SparseConfig(density=0.1, selection="random")),
+    "lift": sparse_delta_case(lambda: LiftConfig(density=0.1, rank=4)),
+    # SaRA: nuclear_norm_weight large enough to move the losses; its progressive freeze at step 2
+    "sft-sara": sparse_delta_case(
+        lambda: SparseConfig(density=0.1, selection="sara", reselection_steps=2, nuclear_norm_weight=0.01),
+        _nuclear_norm_gradient,
+        _update_frozen_slots,
+        _freeze_slots_at_begin,
+    ),
+    "sft-hft": sparse_delta_case(  # a new frozen half at step 2
+        lambda: SparseConfig(density=0.1, selection="hft", reselection_steps=2),
+        after_step=_update_frozen_slots,
+        begin=_freeze_slots_at_begin,
+    ),
+    "sft-id3": sparse_delta_case(  # unmasks at every step
+        lambda: SparseConfig(density=0.1, selection="id3"),
+        _unmask,
+        _open_due_unmasking_window,
+        _mask_all_and_open_unmasking_window,
+    ),
+    "sft-lt-sft": sparse_delta_case(  # the sparse phase compiled, after an eager dense phase
+        lambda: SparseConfig(density=0.1, selection="lt-sft"), begin=_dense_phase_and_draw
+    ),
+    "s2ft": sparse_delta_case(  # targets SPARSE_DELTA_TARGETS: o_proj heads, down_proj columns, up_proj rows
+        lambda: S2ftConfig(num_heads=1, num_channels=8, ffn_input_modules=["up_proj"]), targets_from_config=True
+    ),
+    "rosa": CompileCase(  # step 1: LoRA part alone, gradient window; then the mask, and both parts train
+        "rosa",
+        lambda: RosaConfig(r=4, density=0.1, mask_warmup_steps=0, mask_accumulation_steps=1),
+        after_step=_choose_gradient_mask,
+        begin=_hold_back_sparse_part_and_open_window,
+    ),
+    "dsee": CompileCase("rosa", lambda: RosaConfig(r=4, density=0.1, mask_rule="magnitude")),
     "sora": CompileCase("sora", lambda: SoraConfig(r=4), _gate_l1, _gate_proximal_step),
     "snell": CompileCase("snell", lambda: SnellConfig(r=4, sparsity=0.5)),
     "snella": CompileCase(
@@ -82,15 +182,18 @@ CASES = {
 }
 
 
-def make_model(case: CompileCase, target_modules=TEST_TARGETS) -> torch.nn.Module:
+def make_model(case: CompileCase, target_modules=None) -> torch.nn.Module:
+    """The tiny Llama with the case's adapter on ``target_modules`` (default: the case's targets)."""
     config = case.make_config()
-    config.target_modules = target_modules
+    if not case.targets_from_config:
+        config.target_modules = target_modules or list(case.targets)
     model = get_peft_model(make_tiny_llama(), config)
     return model.train()
 
 
 def train_steps(model: torch.nn.Module, case: CompileCase, compiled: bool, input_ids: torch.Tensor) -> list[float]:
     """Losses of ``STEPS`` AdamW steps on one batch, through ``torch.compile(model)`` if ``compiled``."""
+    case.begin(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     forward = torch.compile(model) if compiled else model
     losses = []
