@@ -4,13 +4,17 @@ Per method (the cases of ``tests/test_torch_compile.py``, on all 14 linears): gr
 (``torch._dynamo.explain``), the largest |compiled - eager| loss over the 3 training steps,
 compile time (the 3 compiled steps minus the 3 eager ones: tracing, AOTAutograd, inductor; a warm
 inductor cache on disk makes it shorter), and the median time of --steps further training steps.
+The measured methods' rows replace theirs in the results file; the other methods' rows are kept
+(each row carries the date it was measured).
 
     python benchmarks/bench_torch_compile.py
+    python benchmarks/bench_torch_compile.py --methods s2ft rosa
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -19,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from benchmark_metadata import write_results  # noqa: E402
+from benchmark_metadata import run_metadata, write_results  # noqa: E402
 from test_torch_compile import CASES, batch, make_model, train_steps  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "bench_torch_compile.json"
@@ -52,12 +56,22 @@ def measure(method: str, steps: int) -> dict:
     compiled_seconds = time.perf_counter() - start
     return {
         "method": method,
+        "date": run_metadata()["date"],
         "graph_breaks_per_forward": breaks,
         "max_loss_diff": max(abs(a - b) for a, b in zip(compiled_losses, eager_losses)),
         "compile_s": compiled_seconds - eager_seconds,
         "eager_step_ms": timed_steps(eager_model, eager_model, steps),
         "compiled_step_ms": timed_steps(torch.compile(compiled_model), compiled_model, steps),
     }
+
+
+def merged_rows(measured: list[dict]) -> list[dict]:
+    """The stored rows with the ``measured`` methods' rows replaced or added, in the order of ``CASES``."""
+    stored = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"metadata": {}, "rows": []}
+    # rows written before rows carried a date were all measured by the run the metadata describes
+    old = [{"date": stored["metadata"].get("date"), **row} for row in stored["rows"]]
+    by_method = {row["method"]: row for row in old} | {row["method"]: row for row in measured}
+    return [by_method[method] for method in CASES if method in by_method]
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -81,7 +95,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = [measure(method, args.steps) for method in args.methods]
     print(markdown_table(rows))
-    write_results(RESULTS, rows, steps=args.steps, device="cpu", dtype="float32")
+    write_results(RESULTS, merged_rows(rows), steps=args.steps, device="cpu", dtype="float32")
 
 
 if __name__ == "__main__":
