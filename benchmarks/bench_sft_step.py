@@ -1,6 +1,7 @@
-"""Train-step time and peak memory of SFT and S2FT (ours) vs LoRA, SHiRA, Super-Tuning, SpIEL-style and full FT.
+"""Train-step time and peak memory of SFT, S2FT and SNELL (ours) vs LoRA, SHiRA, Super-Tuning, SpIEL-style and full FT.
 
-Equal budgets: LoRA rank r gives r * (in + out) per target matrix; SHiRA gets the same r, SFT and
+Equal budgets: LoRA rank r gives r * (in + out) per target matrix; SHiRA and SNELL (factors of
+width r, sparsity 0.9, its delta in place; ``snell-additive``: applied as a separate term) get the same r, SFT and
 the SpIEL-style baseline get the total (split by matrix size, same random indices), Super-Tuning
 the matching global sparsity (it floors per matrix: the table shows each actual count), S2FT the
 same total in whole heads and FFN channels (``lora_rank_budget``; on the single layer, columns).
@@ -41,7 +42,7 @@ from peft_sparse.sparse.tuner import split_budget
 
 from benchmark_metadata import write_results
 
-METHODS = ("frozen", "lora", "sft", "s2ft", "spiel-style", "full-ft", "shira", "supertuning")
+METHODS = ("frozen", "lora", "sft", "s2ft", "snell", "snell-additive", "spiel-style", "full-ft", "shira", "supertuning")
 WORKLOADS = ("smollm2-135m", "linear-4096")
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SMOLLM2_SHAPES = dict(
@@ -167,6 +168,10 @@ def build_model(method: str, workload: Workload, rank: int) -> nn.Module:
             lora_rank_budget=rank, init_seed=INIT_SEED,
             **(dict(attention_output_modules=[], ffn_output_modules=["proj"]) if single_layer else {}),
         )  # fmt: skip
+    elif method in ("snell", "snell-additive"):
+        config = peft_sparse.SnellConfig(
+            r=rank, sparsity=0.9, target_modules=targets, delta_in_place=method == "snell"
+        )  # fmt: skip
     elif method == "shira":
         config = ShiraConfig(r=rank, target_modules=targets, random_seed=INIT_SEED)
     else:
@@ -241,7 +246,9 @@ def measure(method: str, workload: Workload, rank: int, steps: int) -> dict:
 
 def add_ratios(rows: list[dict]) -> None:
     times = {row["method"]: row["step_ms_median"] for row in rows}
-    for baseline, key in (("lora", "ratio_vs_lora"), ("spiel-style", "ratio_vs_spiel_style")):
+    for baseline, key in (
+        ("lora", "ratio_vs_lora"), ("spiel-style", "ratio_vs_spiel_style"), ("full-ft", "ratio_vs_full_ft")
+    ):  # fmt: skip
         for row in rows:
             row[key] = row["step_ms_median"] / times[baseline] if baseline in times else None
     lora_overhead = times["lora"] - times["frozen"] if {"lora", "frozen"} <= times.keys() else None
@@ -252,16 +259,16 @@ def add_ratios(rows: list[dict]) -> None:
 def markdown_table(rows: list[dict]) -> str:
     lines = [
         "| method | trainable params | step ms (median) | ratio vs LoRA | overhead vs LoRA | ratio vs spiel-style "
-        "| peak MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| ratio vs full FT | peak MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        label = f"{row['method']} (ours)" if row["method"] in ("sft", "s2ft") else row["method"]
-        ratios = (row["ratio_vs_lora"], row["overhead_vs_lora"], row["ratio_vs_spiel_style"])
-        vs_lora, overhead, vs_spiel = (f"{r:.2f}x" if r is not None else "-" for r in ratios)
+        label = f"{row['method']} (ours)" if row["method"] in ("sft", "s2ft", "snell", "snell-additive") else row["method"]
+        ratios = (row["ratio_vs_lora"], row["overhead_vs_lora"], row["ratio_vs_spiel_style"], row["ratio_vs_full_ft"])
+        vs_lora, overhead, vs_spiel, vs_full = (f"{r:.2f}x" if r is not None else "-" for r in ratios)
         lines.append(
             f"| {label} | {row['trainable_params']:,} | {row['step_ms_median']:.1f} | {vs_lora} | {overhead} "
-            f"| {vs_spiel} | {row['peak_mib']:.0f} |"
+            f"| {vs_spiel} | {vs_full} | {row['peak_mib']:.0f} |"
         )
     return "\n".join(lines)
 

@@ -1,4 +1,4 @@
-"""The forward shared by SoRA and SNELL layers (``AdditiveDeltaLayer``) with a base of another dtype."""
+"""The additive forward of SoRA and SNELL (``delta_in_place=False``) with a base of another dtype."""
 
 import pytest
 import torch
@@ -13,7 +13,7 @@ from tests.test_registration import randomize_adapter
 
 @pytest.mark.parametrize(
     "config, layer_type",
-    [(SoraConfig(r=4, gate_init="randn"), SoraLinear), (SnellConfig(r=4, sparsity=0.5), SnellLinear)],
+    [(SoraConfig(r=4, gate_init="randn"), SoraLinear), (SnellConfig(r=4, sparsity=0.5, delta_in_place=False), SnellLinear)],
     ids=["sora", "snell"],
 )
 def test_bf16_base_with_fp32_adapter_returns_bf16_close_to_fp32(config, layer_type):

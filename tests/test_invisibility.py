@@ -11,10 +11,14 @@ from transformers.pytorch_utils import Conv1D
 
 from peft_sparse import SnellConfig, SoraConfig
 from peft_sparse.sparse import SparseDeltaLayer, SparseDeltaLinear
+from peft_sparse.sparse.in_place import InPlaceDeltaLayer
 from tests.conftest import SPARSE_DELTA_CONFIGS, make_tied_llama, make_tiny_gpt2, make_tiny_llama
 from tests.test_save_load import logits_of
 
 SPARSE_METHODS = pytest.mark.parametrize("method", sorted(SPARSE_DELTA_CONFIGS))
+# every method whose delta may be held in the frozen weight
+IN_PLACE_CONFIGS = {**SPARSE_DELTA_CONFIGS, "snell": lambda **kwargs: SnellConfig(r=4, sparsity=0.5, **kwargs)}
+IN_PLACE_METHODS = pytest.mark.parametrize("method", sorted(IN_PLACE_CONFIGS))
 # every method, with a non-zero delta from the start
 ALL_CONFIGS = {
     **{name: (lambda factory=factory: factory(init_weights=False)) for name, factory in SPARSE_DELTA_CONFIGS.items()},
@@ -39,14 +43,26 @@ def assert_pristine_base(state: dict, base: nn.Module) -> None:
 
 
 def sparse_model(method: str, make_base=make_tiny_llama):
-    return get_peft_model(make_base(), SPARSE_DELTA_CONFIGS[method](init_weights=False))
+    return get_peft_model(make_base(), IN_PLACE_CONFIGS[method](init_weights=False))
 
 
-@SPARSE_METHODS
+def second_config(method: str, **kwargs):
+    """Another adapter's config of the same method, with another non-zero delta."""
+    if method == "snell":  # its factors come from the global RNG
+        torch.manual_seed(7)
+        return IN_PLACE_CONFIGS[method](init_weights=False, **kwargs)
+    return IN_PLACE_CONFIGS[method](init_weights=False, init_seed=7, **kwargs)
+
+
+def in_place_layers(model: nn.Module) -> list[tuple[str, InPlaceDeltaLayer]]:
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, InPlaceDeltaLayer)]
+
+
+@IN_PLACE_METHODS
 @pytest.mark.parametrize("switch", ["disable_adapter", "set_adapter"])
 def test_a_forward_between_forward_and_backward_leaves_the_gradients_unchanged(method, switch, input_ids):
     model = sparse_model(method)
-    model.add_adapter("other", SPARSE_DELTA_CONFIGS[method](init_weights=False, init_seed=7))
+    model.add_adapter("other", second_config(method))
     model.set_adapter("default")
     model(input_ids=input_ids, labels=input_ids).loss.backward()
     expected = value_gradients(model)
@@ -68,17 +84,18 @@ def test_a_forward_between_forward_and_backward_leaves_the_gradients_unchanged(m
         torch.testing.assert_close(gradients[name], expected[name], rtol=0, atol=1e-7, msg=name)
 
 
-@SPARSE_METHODS
+@IN_PLACE_METHODS
 def test_the_weight_holds_the_delta_in_place_when_no_graph_needs_it(method, input_ids):
     model = sparse_model(method)
-    pristine = {name: layer.get_base_layer().weight.detach().clone() for name, layer in model.base_model.sparse_delta_layers()}
+    pristine = {name: layer.get_base_layer().weight.detach().clone() for name, layer in in_place_layers(model)}
     model(input_ids=input_ids)  # the graph is dropped at once: nothing holds the weights
-    for name, layer in model.base_model.sparse_delta_layers():
+    for name, layer in in_place_layers(model):
+        assert layer._written, name
         expected = pristine[name] + layer.get_delta_weight("default")
         torch.testing.assert_close(layer.get_base_layer().weight, expected, rtol=0, atol=0)
 
 
-@SPARSE_METHODS
+@IN_PLACE_METHODS
 def test_a_fused_optimizer_step_is_seen_by_the_next_forward(method, input_ids):
     model = sparse_model(method)
     reference = copy.deepcopy(model)
@@ -107,7 +124,7 @@ def test_a_state_dict_round_trip_gives_identical_logits_and_base(method, make_ba
         torch.testing.assert_close(logits_of(restored, input_ids), logits_of(make_base(), input_ids), rtol=0, atol=1e-6)
 
 
-@SPARSE_METHODS
+@IN_PLACE_METHODS
 def test_a_state_dict_stays_pristine_after_later_forwards(method, input_ids):
     model = sparse_model(method)
     expected = logits_of(model, input_ids)
@@ -120,7 +137,7 @@ def test_a_state_dict_stays_pristine_after_later_forwards(method, input_ids):
         torch.testing.assert_close(logits_of(restored, input_ids), logits_of(make_tiny_llama(), input_ids), rtol=0, atol=0)
 
 
-@SPARSE_METHODS
+@IN_PLACE_METHODS
 def test_a_state_dict_taken_while_a_graph_holds_the_weight_is_pristine(method, input_ids):
     model = sparse_model(method)
     loss = model(input_ids=input_ids, labels=input_ids).loss
@@ -190,12 +207,12 @@ def test_lift_adapter_loaded_for_inference_keeps_int32_indices(tmp_path):
     assert first.keys() == again.keys() and all(torch.equal(first[key], again[key]) for key in first)
 
 
-@SPARSE_METHODS
+@IN_PLACE_METHODS
 def test_a_tied_weight_never_holds_the_delta(method, input_ids):
     base = make_tied_llama()
     assert base.lm_head.weight is base.model.embed_tokens.weight
     embeddings = base.model.embed_tokens.weight.detach().clone()
-    model = get_peft_model(base, SPARSE_DELTA_CONFIGS[method](target_modules=["lm_head", "q_proj"], init_weights=False))
+    model = get_peft_model(base, IN_PLACE_CONFIGS[method](target_modules=["lm_head", "q_proj"], init_weights=False))
     head = model.base_model.model.lm_head
     assert not head.writes_in_place and model.base_model.model.model.layers[0].self_attn.q_proj.writes_in_place
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
@@ -209,14 +226,14 @@ def test_a_tied_weight_never_holds_the_delta(method, input_ids):
     torch.testing.assert_close(logits_of(model, input_ids), expected.detach(), rtol=0, atol=1e-5)
 
 
-@SPARSE_METHODS
+@IN_PLACE_METHODS
 def test_merging_into_a_tied_weight_is_refused_and_changes_nothing(method, input_ids):
-    model = get_peft_model(make_tied_llama(), SPARSE_DELTA_CONFIGS[method](target_modules=["q_proj", "lm_head"], init_weights=False))
+    model = get_peft_model(make_tied_llama(), IN_PLACE_CONFIGS[method](target_modules=["q_proj", "lm_head"], init_weights=False))
     expected = logits_of(model, input_ids)
     weights = {name: p.detach().clone() for name, p in model.named_parameters()}
     with pytest.raises(ValueError, match="module 'lm_head'.*tied to another module.*tie_word_embeddings=False"):
         model.merge_and_unload()
-    assert not any(layer.merged for _, layer in model.base_model.sparse_delta_layers())
+    assert not any(layer.merged for _, layer in in_place_layers(model))
     for name, parameter in model.named_parameters():
         assert torch.equal(parameter, weights[name]), name
     torch.testing.assert_close(logits_of(model, input_ids), expected, rtol=0, atol=0)
@@ -244,7 +261,7 @@ def test_a_bf16_forward_sees_rounded_weights_in_place_and_an_fp32_term_in_exact_
     assert torch.equal(exact.get_base_layer().weight, pristine)
 
 
-@SPARSE_METHODS
+@IN_PLACE_METHODS
 def test_after_an_optimizer_step_the_frozen_parameters_are_the_base_weights(method, input_ids):
     model = sparse_model(method)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
@@ -258,10 +275,10 @@ def test_after_an_optimizer_step_the_frozen_parameters_are_the_base_weights(meth
             assert torch.equal(parameter, pristine[name.replace("base_layer.", "")]), name
 
 
-@SPARSE_METHODS
+@IN_PLACE_METHODS
 def test_merging_only_another_adapter_takes_the_written_delta_out(method, input_ids):
-    model = get_peft_model(make_tiny_llama(), SPARSE_DELTA_CONFIGS[method](target_modules=["q_proj", "v_proj"], init_weights=False))
-    model.add_adapter("other", SPARSE_DELTA_CONFIGS[method](target_modules=["q_proj"], init_weights=False, init_seed=7))
+    model = get_peft_model(make_tiny_llama(), IN_PLACE_CONFIGS[method](target_modules=["q_proj", "v_proj"], init_weights=False))
+    model.add_adapter("other", second_config(method, target_modules=["q_proj"]))
     logits_of(model, input_ids)  # writes "default" into q_proj and v_proj
     model.set_adapter("other")
     expected = logits_of(model, input_ids)

@@ -23,7 +23,10 @@ from triton_kernels.snell_matmul import (
     snell_delta_matmul,
     snell_delta_matmul_reference,
     snell_delta_matmul_triton,
+    snell_factor_grads,
+    snell_factor_grads_reference,
 )
+from triton_kernels._dispatch import use_triton
 
 
 def random_factors(groups, num_in, num_out, width, dtype=torch.float64, seed=0):
@@ -60,6 +63,7 @@ def threshold_between_entries(a, b, spec, num_kept):
 BAD_VALUES = [
     ("r", 0), ("r", 2.0), ("kernel_groups", 0), ("kernel", "cosine"), ("kernel_scale", 0.0), ("rbf_gamma", -1.0),
     ("sparsity", 1.0), ("sparsity", -0.1), ("sparsity", "0.5"), ("dropout", 1.0), ("magnitude_competition", 1),
+    ("delta_in_place", "yes"),
     ("init_weights", None), ("threshold_sample_size", 0), ("target_modules", 5), ("exclude_modules", 7),
     ("allocation", "adalora"),
 ]  # fmt: skip
@@ -231,8 +235,9 @@ def test_triton_kernels_match_the_torch_reference(triton_interpreter, kernel, ma
         torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-4)
 
 
-def test_layer_dispatches_to_triton_under_the_interpreter(triton_interpreter, monkeypatch, input_ids):
-    model = get_peft_model(make_tiny_llama(), SnellConfig(r=4, sparsity=0.5, init_weights=False))
+def test_additive_layer_dispatches_to_triton_under_the_interpreter(triton_interpreter, monkeypatch, input_ids):
+    config = SnellConfig(r=4, sparsity=0.5, init_weights=False, delta_in_place=False)
+    model = get_peft_model(make_tiny_llama(), config)
     expected = model(input_ids).logits
     calls = []
     monkeypatch.setattr(
@@ -241,6 +246,93 @@ def test_layer_dispatches_to_triton_under_the_interpreter(triton_interpreter, mo
     )
     torch.testing.assert_close(model(input_ids).logits, expected, rtol=1e-5, atol=1e-4)
     assert len(calls) == 14  # 7 linears x 2 decoder layers
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_in_place_factor_gradients_by_triton_match_the_torch_reference(triton_interpreter, kernel):
+    a, b = random_factors(2, 24, 40, 3, dtype=torch.float32)
+    spec = KernelSpec(kernel, 0.3, gamma=0.2)
+    tau = threshold_between_entries(a, b, spec, 200)
+    generator = torch.Generator().manual_seed(1)
+    x, grad_output = torch.randn(9, 24, generator=generator), torch.randn(9, 40, generator=generator)
+    assert use_triton(x)
+    for ours, reference in zip(
+        snell_factor_grads(x, grad_output, a, b, tau, spec),
+        snell_factor_grads_reference(x, grad_output, a, b, tau, spec),
+    ):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-4)
+
+
+# --- in place ------------------------------------------------------------------------------------
+
+
+def logits_and_factor_grads(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    output = model(input_ids=input_ids, labels=input_ids)
+    output.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    return output.logits.detach(), grads
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("make_base", [make_tiny_llama, make_tiny_gpt2])
+def test_in_place_forward_and_factor_gradients_equal_the_additive_path(kernel, make_base, input_ids):
+    magnitude = kernel == "rbf"  # the competition's |K| factor, on one kernel
+    results = {}
+    for in_place in (True, False):
+        torch.manual_seed(0)
+        config = SnellConfig(r=4, kernel=kernel, sparsity=0.7, init_weights=False, magnitude_competition=magnitude,
+                             threshold_sample_size=None, delta_in_place=in_place)  # fmt: skip
+        model = get_peft_model(make_base(), config)
+        results[in_place] = logits_and_factor_grads(model, input_ids)
+        layers = [m for m in model.modules() if isinstance(m, SnellLinear)]
+        assert all(bool(layer._written) == in_place for layer in layers)
+    (logits, grads), (additive_logits, additive_grads) = results[True], results[False]
+    torch.testing.assert_close(logits, additive_logits, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == additive_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], additive_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_in_place_training_follows_the_additive_path_and_writes_only_the_kept_entries(input_ids):
+    losses = {}
+    for in_place in (True, False):
+        torch.manual_seed(0)
+        config = SnellConfig(r=4, sparsity=0.8, init_weights=False, threshold_sample_size=None, delta_in_place=in_place)
+        model = get_peft_model(make_tiny_llama(), config)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        losses[in_place] = []
+        for _ in range(3):
+            loss = model(input_ids=input_ids, labels=input_ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses[in_place].append(loss.item())
+        if in_place:
+            model(input_ids=input_ids)  # writes the delta of the last values
+            for layer in (m for m in model.modules() if isinstance(m, SnellLinear)):
+                assert layer._written["default"].indices.numel() == layer.num_kept("default")
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-5, atol=1e-6)
+
+
+def test_a_new_kept_count_is_written_by_the_next_forward(input_ids):
+    model = trained_snell(SnellConfig(r=4, sparsity=0.5, threshold_sample_size=None))
+    layer = next(m for m in model.modules() if isinstance(m, SnellLinear))
+    pristine = layer.pristine_weight()
+    model(input_ids)
+    layer.set_num_kept("default", 11)  # what SNELLA does between steps
+    model(input_ids)
+    assert layer._written["default"].indices.numel() == 11
+    torch.testing.assert_close(layer.get_base_layer().weight, pristine + layer.get_delta_weight("default"), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("config_kwargs", [dict(dropout=0.1), dict(delta_in_place=False)])
+def test_dropout_or_delta_in_place_false_keeps_the_weight_pristine(config_kwargs, input_ids):
+    model = get_peft_model(make_tiny_llama(), SnellConfig(r=4, sparsity=0.5, init_weights=False, **config_kwargs))
+    model(input_ids=input_ids, labels=input_ids).loss.backward()
+    pristine = dict(make_tiny_llama().named_parameters())
+    for name, parameter in model.base_model.model.named_parameters():
+        if not parameter.requires_grad:
+            assert torch.equal(parameter, pristine[name.replace("base_layer.", "")]), name
 
 
 # --- peft behaviour ------------------------------------------------------------------------------
@@ -282,11 +374,11 @@ def test_save_load_merge_and_disable_round_trips(tmp_path, input_ids, make_base)
     loaded_layer = next(m for m in loaded.modules() if isinstance(m, SnellLinear))
     assert loaded_layer.num_kept("default") == 77
 
-    weight_before = loaded_layer.get_base_layer().weight.clone()
+    pristine = loaded_layer.pristine_weight()  # the forward above wrote the delta into the weight
     loaded.merge_adapter()
     torch.testing.assert_close(loaded(input_ids).logits, logits, rtol=1e-5, atol=1e-5)
     loaded.unmerge_adapter()
-    torch.testing.assert_close(loaded_layer.get_base_layer().weight, weight_before, rtol=0, atol=1e-6)
+    assert torch.equal(loaded_layer.get_base_layer().weight, pristine)  # bit-exact
     merged = loaded.merge_and_unload()
     assert not any(isinstance(m, SnellLinear) for m in merged.modules())
     torch.testing.assert_close(merged(input_ids).logits, logits, rtol=1e-5, atol=1e-5)

@@ -15,7 +15,7 @@ forward ``y = x @ E^T``, backward ``dx = dy @ E`` and ``dA, dB`` from the tiles 
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -47,10 +47,42 @@ def _upcast(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``||a_i - b_j||^2`` [out, in] for ``a`` [in, d], ``b`` [out, d], at least in fp32, clamped at 0."""
+    """``||a_i - b_j||^2`` [out, in] for ``a`` [in, d], ``b`` [out, d], at least in fp32, clamped at 0.
+
+    One GEMM over augmented rows, ``[b_j, ||b_j||^2, 1] . [-2 a_i, 1, ||a_i||^2]``, so the [out, in]
+    result is written once (no broadcast passes for the norms).
+    """
     a, b = _upcast(a), _upcast(b)
-    squared = (b * b).sum(1, keepdim=True) + (a * a).sum(1) - 2 * (b @ a.T)
-    return squared.clamp_min_(0)
+    left = torch.cat([b, (b * b).sum(1, keepdim=True), torch.ones_like(b[:, :1])], 1)
+    right = torch.cat([-2 * a, torch.ones_like(a[:, :1]), (a * a).sum(1, keepdim=True)], 1)
+    return (left @ right.T).clamp_min_(0)
+
+
+def _group_kappa(a: torch.Tensor, b: torch.Tensor, spec: KernelSpec) -> torch.Tensor:
+    """``kappa(a_i, b_j)`` [out, in] of one group of a distance kernel, without its coefficient."""
+    squared = _squared_distances(a, b)
+    return squared.sqrt_() if spec.name == "distance_diff" else squared.mul_(-spec.gamma).exp_()
+
+
+def _kernel_and_group_values(
+    input_factors: torch.Tensor, output_factors: torch.Tensor, spec: KernelSpec, keep_groups: bool = False
+) -> tuple[torch.Tensor, Optional[list[torch.Tensor]]]:
+    """``K`` [out, in] and, if ``keep_groups`` (distance kernels), each group's ``kappa`` values for backward."""
+    with torch.no_grad():
+        if spec.name == "linear":
+            return spec.scale * torch.einsum("hod,hid->oi", _upcast(output_factors), _upcast(input_factors)), None
+        kernel, groups = None, []
+        for group in range(input_factors.shape[0]):  # sum_h (-1)^h kappa_h, then times the scale:
+            values = _group_kappa(input_factors[group], output_factors[group], spec)  # equal groups cancel exactly
+            if kernel is None:
+                kernel = values.clone()
+            elif group % 2:
+                kernel.sub_(values)
+            else:
+                kernel.add_(values)
+            if keep_groups:
+                groups.append(values)
+        return kernel.mul_(spec.scale), groups if keep_groups else None
 
 
 def kernel_matrix(input_factors: torch.Tensor, output_factors: torch.Tensor, spec: KernelSpec) -> torch.Tensor:
@@ -61,16 +93,7 @@ def kernel_matrix(input_factors: torch.Tensor, output_factors: torch.Tensor, spe
         >>> kernel_matrix(a, b, KernelSpec("linear", 1.0)).shape
         torch.Size([3, 5])
     """
-    with torch.no_grad():
-        if spec.name == "linear":
-            return spec.scale * torch.einsum("hod,hid->oi", _upcast(output_factors), _upcast(input_factors))
-        result = None
-        for group in range(input_factors.shape[0]):
-            squared = _squared_distances(input_factors[group], output_factors[group])
-            values = squared.sqrt_() if spec.name == "distance_diff" else squared.mul_(-spec.gamma).exp_()
-            values.mul_(_coefficient(spec, group))
-            result = values if result is None else result.add_(values)
-        return result
+    return _kernel_and_group_values(input_factors, output_factors, spec)[0]
 
 
 def kernel_entries(
@@ -96,13 +119,20 @@ def sparse_delta(kernel: torch.Tensor, threshold: torch.Tensor, magnitude: bool)
 
 
 def kernel_factor_grads(
-    input_factors: torch.Tensor, output_factors: torch.Tensor, grad_kernel: torch.Tensor, spec: KernelSpec
+    input_factors: torch.Tensor,
+    output_factors: torch.Tensor,
+    grad_kernel: torch.Tensor,
+    spec: KernelSpec,
+    group_values: Optional[list[torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dL/dA [H, in, d], dL/dB [H, out, d])`` from ``dL/dK`` [out, in], at least in fp32.
 
-    Distance kernels: with ``W = c_h * dL/dK * dkappa/d(||a-b||^2) * 2`` (``1/||a - b||`` for
+    Distance kernels: with ``W = dL/dK * dkappa/d(||a-b||^2) * 2`` (``1/||a - b||`` for
     distance_diff, 0 where the distance is 0; ``-2 gamma exp(-gamma ||a-b||^2)`` for rbf),
-    ``dA_h = colsum(W) * A_h - W^T B_h`` and ``dB_h = rowsum(W) * B_h - W A_h``.
+    ``dA_h = c_h (colsum(W) * A_h - W^T B_h)`` and ``dB_h = c_h (rowsum(W) * B_h - W A_h)``; each
+    is one GEMM with an appended column of ones, which yields the row or column sums too.
+    ``group_values`` (each group's ``kappa``, from :func:`_kernel_and_group_values`) saves
+    recomputing them; they are consumed. ``grad_kernel`` is left unchanged.
     """
     a_all, b_all, grad_kernel = _upcast(input_factors), _upcast(output_factors), _upcast(grad_kernel)
     grad_a, grad_b = torch.empty_like(a_all), torch.empty_like(b_all)
@@ -112,14 +142,16 @@ def kernel_factor_grads(
             weights = spec.scale * grad_kernel
             grad_a[group], grad_b[group] = weights.T @ b, weights @ a
             continue
-        squared = _squared_distances(a, b)
-        if spec.name == "distance_diff":
-            pair = torch.where(squared > 0, squared.rsqrt(), 0.0)
-        else:
-            pair = torch.exp(-spec.gamma * squared).mul_(-2 * spec.gamma)
-        weights = pair.mul_(grad_kernel).mul_(_coefficient(spec, group))
-        grad_a[group] = weights.sum(0)[:, None] * a - weights.T @ b
-        grad_b[group] = weights.sum(1)[:, None] * b - weights @ a
+        values = group_values[group] if group_values is not None else _group_kappa(a, b, spec)
+        coefficient = _coefficient(spec, group)
+        if spec.name == "distance_diff":  # W = dL/dK / ||a - b||, 0 at distance 0 (where 0/0 and x/0 land)
+            weights = torch.nan_to_num_(torch.div(grad_kernel, values, out=values), nan=0.0, posinf=0.0, neginf=0.0)
+        else:  # W = dL/dK * kappa, the -2 gamma folded into the coefficient
+            weights, coefficient = values.mul_(grad_kernel), -2 * spec.gamma * coefficient
+        sums_a = weights.T @ torch.cat([-b, torch.ones_like(b[:, :1])], 1)  # [in, d + 1]: -W^T B | colsum(W)
+        sums_b = weights @ torch.cat([-a, torch.ones_like(a[:, :1])], 1)  # [out, d + 1]: -W A | rowsum(W)
+        grad_a[group] = sums_a[:, :-1].addcmul_(sums_a[:, -1:], a).mul_(coefficient)
+        grad_b[group] = sums_b[:, :-1].addcmul_(sums_b[:, -1:], b).mul_(coefficient)
     return grad_a, grad_b
 
 
@@ -131,6 +163,88 @@ CHUNK_ENTRIES = 2**20
 def _row_chunks(num_out: int, num_in: int) -> list[slice]:
     rows = max(1, CHUNK_ENTRIES // num_in)
     return [slice(start, min(start + rows, num_out)) for start in range(0, num_out, rows)]
+
+
+def _accumulate_factor_grads(
+    kernel: torch.Tensor, group_values: Optional[list[torch.Tensor]], grad_rows: torch.Tensor, x: torch.Tensor,
+    input_factors: torch.Tensor, output_factors: torch.Tensor, rows: slice, threshold: torch.Tensor,
+    spec: KernelSpec, grad_a: torch.Tensor, grad_b: torch.Tensor,
+) -> None:  # fmt: skip
+    """Add one row chunk's share to ``grad_a`` and fill ``grad_b[:, rows]``; ``kernel`` [rows, in] and
+    ``group_values`` are consumed."""
+    grad_kernel = _upcast(grad_rows).T @ _upcast(x)
+    absolute = kernel.abs_()
+    if spec.magnitude:
+        grad_kernel.mul_(torch.where(absolute >= threshold, absolute, 0.0))
+    else:
+        grad_kernel.masked_fill_(absolute < threshold, 0.0)
+    del kernel, absolute
+    chunk_grad_a, grad_b[:, rows] = kernel_factor_grads(
+        input_factors, output_factors[:, rows], grad_kernel, spec, group_values
+    )
+    grad_a += chunk_grad_a
+
+
+def snell_factor_grads_reference(
+    x: torch.Tensor,
+    grad_output: torch.Tensor,
+    input_factors: torch.Tensor,
+    output_factors: torch.Tensor,
+    threshold: torch.Tensor,
+    spec: KernelSpec,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dL/dA, dL/dB)`` (at least fp32) of ``y = x @ E^T`` from ``x`` [T, in] and ``dL/dy`` [T, out].
+
+    ``dL/dE = dy^T x`` is formed by row chunks, masked to the kept entries and pushed through the
+    kernel; ``E`` itself is not needed, so this serves both the matmul's backward and a weight that
+    holds ``E`` in place.
+    """
+    grad_a = torch.zeros_like(_upcast(input_factors))
+    grad_b = torch.empty_like(_upcast(output_factors))
+    for rows in _row_chunks(output_factors.shape[1], input_factors.shape[1]):
+        kernel, groups = _kernel_and_group_values(input_factors, output_factors[:, rows], spec, keep_groups=True)
+        _accumulate_factor_grads(
+            kernel, groups, grad_output[:, rows], x, input_factors, output_factors, rows, threshold, spec, grad_a,
+            grad_b,
+        )  # fmt: skip
+    return grad_a, grad_b
+
+
+@torch.no_grad()
+def kept_entries(
+    input_factors: torch.Tensor,
+    output_factors: torch.Tensor,
+    threshold: torch.Tensor,
+    spec: KernelSpec,
+    transposed: bool = False,
+    index_dtype: torch.dtype = torch.int64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(flat indices [k], values [k] fp32)`` of the non-zero entries of ``E``, formed by row chunks.
+
+    Indices are sorted and address ``E`` [out, in], or ``E^T`` [in, out] if ``transposed`` (a
+    ``Conv1D`` weight). Entries that are kept but zero (an all-zero initial delta) are left out.
+
+    Example:
+        >>> a, b = torch.tensor([[[1.0], [0.0]]]), torch.tensor([[[2.0], [1.0]]])  # K = [[2, 0], [1, 0]]
+        >>> kept_entries(a, b, torch.tensor(1.5), KernelSpec("linear", 1.0))
+        (tensor([0]), tensor([2.]))
+    """
+    num_in, num_out = input_factors.shape[1], output_factors.shape[1]
+    num_rows, num_cols = (num_in, num_out) if transposed else (num_out, num_in)
+    all_indices, all_values = [], []
+    for rows in _row_chunks(num_rows, num_cols):
+        if transposed:
+            kernel = kernel_matrix(input_factors[:, rows], output_factors, spec).T
+        else:
+            kernel = kernel_matrix(input_factors, output_factors[:, rows], spec)
+        kernel = kernel.reshape(-1)
+        absolute = kernel.abs()
+        # kept and non-zero: at a threshold <= 0 (an all-zero initial delta) every entry is kept
+        positions = (absolute >= threshold.clamp_min(torch.finfo(kernel.dtype).tiny)).nonzero().squeeze(1)
+        values = kernel[positions]
+        all_indices.append((positions + rows.start * num_cols).to(index_dtype))
+        all_values.append(values.mul_(absolute[positions]) if spec.magnitude else values)
+    return torch.cat(all_indices), torch.cat(all_values)
 
 
 class _ReferenceSnellMatmul(torch.autograd.Function):
@@ -154,20 +268,13 @@ class _ReferenceSnellMatmul(torch.autograd.Function):
         grad_a = torch.zeros_like(_upcast(input_factors))
         grad_b = torch.empty_like(_upcast(output_factors))
         for rows in _row_chunks(output_factors.shape[1], input_factors.shape[1]):
-            kernel = kernel_matrix(input_factors, output_factors[:, rows], spec)  # [rows, in]
+            kernel, groups = _kernel_and_group_values(input_factors, output_factors[:, rows], spec, keep_groups=True)
             grad_rows = grad_output[:, rows]
             if grad_x is not None:
                 grad_x += grad_rows @ sparse_delta(kernel, threshold, spec.magnitude).to(grad_output.dtype)
-            grad_kernel = _upcast(grad_rows).T @ _upcast(x)
-            absolute = kernel.abs_()
-            grad_kernel.mul_(absolute >= threshold)
-            if spec.magnitude:
-                grad_kernel.mul_(absolute)
-            del kernel, absolute
-            chunk_grad_a, grad_b[:, rows] = kernel_factor_grads(
-                input_factors, output_factors[:, rows], grad_kernel, spec
+            _accumulate_factor_grads(
+                kernel, groups, grad_rows, x, input_factors, output_factors, rows, threshold, spec, grad_a, grad_b
             )
-            grad_a += chunk_grad_a
         return grad_x, grad_a.to(input_factors.dtype), grad_b.to(output_factors.dtype), None, None
 
 
@@ -384,14 +491,24 @@ class _TritonSnellMatmul(torch.autograd.Function):
                 TRANSPOSED=True, **constants,
             )  # fmt: skip
             grad_x = grad_x.to(x.dtype)
-        grad_a = torch.zeros(a.shape, dtype=torch.float32, device=a.device)
-        grad_b = torch.zeros(b.shape, dtype=torch.float32, device=b.device)
-        grid = (triton.cdiv(num_out, BLOCK_N), triton.cdiv(num_in, BLOCK_N))
-        _grad_factors_kernel[grid](
-            x, grad_output, a, b, threshold, grad_a, grad_b, tokens, num_in, num_out, rank, spec.scale, spec.gamma,
-            **constants,
-        )  # fmt: skip
+        grad_a, grad_b = _launch_factor_grads(x, grad_output, a, b, threshold, spec)
         return grad_x, grad_a.to(a.dtype), grad_b.to(b.dtype), None, None
+
+
+def _launch_factor_grads(
+    x: torch.Tensor, grad_output: torch.Tensor, a: torch.Tensor, b: torch.Tensor, threshold: torch.Tensor,
+    spec: KernelSpec,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """fp32 ``(dA, dB)`` by the fused kernel; every tensor contiguous, ``threshold`` fp32 [1]."""
+    tokens, (_, num_in, rank), num_out = x.shape[0], a.shape, b.shape[1]
+    grad_a = torch.zeros(a.shape, dtype=torch.float32, device=a.device)
+    grad_b = torch.zeros(b.shape, dtype=torch.float32, device=b.device)
+    grid = (triton.cdiv(num_out, BLOCK_N), triton.cdiv(num_in, BLOCK_N))
+    _grad_factors_kernel[grid](
+        x, grad_output, a, b, threshold, grad_a, grad_b, tokens, num_in, num_out, rank, spec.scale, spec.gamma,
+        **_launch_constants(a, spec),
+    )  # fmt: skip
+    return grad_a, grad_b
 
 
 # Opaque to torch.compile (a graph break on CUDA): Dynamo is not shown our lazily jitted launchers.
@@ -427,3 +544,33 @@ def snell_delta_matmul(
     matmul = snell_delta_matmul_triton if use_triton(x) else snell_delta_matmul_reference
     y = matmul(tokens, input_factors, output_factors, threshold, spec)
     return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def snell_factor_grads(
+    x: torch.Tensor,
+    grad_output: torch.Tensor,
+    input_factors: torch.Tensor,
+    output_factors: torch.Tensor,
+    threshold: torch.Tensor,
+    spec: KernelSpec,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dL/dA, dL/dB)`` in the factors' dtypes from ``x`` [T, in] and ``dL/dy`` [T, out] of ``y = x @ E^T``:
+    the fused Triton kernel on CUDA, :func:`snell_factor_grads_reference` elsewhere.
+
+    What a weight holding ``E`` in place needs in backward (the base GEMM already gave ``dL/dx``).
+
+    Example:
+        >>> a, b = torch.randn(2, 8, 4), torch.randn(2, 6, 4)
+        >>> grad_a, grad_b = snell_factor_grads(torch.randn(3, 8), torch.randn(3, 6), a, b, torch.tensor(0.5),
+        ...                                     KernelSpec("rbf", 0.1))
+        >>> grad_a.shape, grad_b.shape
+        (torch.Size([2, 8, 4]), torch.Size([2, 6, 4]))
+    """
+    if use_triton(x):
+        grad_a, grad_b = _launch_factor_grads(
+            x.contiguous(), grad_output.contiguous(), input_factors.contiguous(), output_factors.contiguous(),
+            threshold.float().reshape(1), spec,
+        )  # fmt: skip
+    else:
+        grad_a, grad_b = snell_factor_grads_reference(x, grad_output, input_factors, output_factors, threshold, spec)
+    return grad_a.to(input_factors.dtype), grad_b.to(output_factors.dtype)

@@ -40,7 +40,7 @@ from transformers.pytorch_utils import Conv1D
 
 from triton_kernels import scatter_assign, sparse_delta_matmul
 
-from ..quantization import quantization_of, weight_matrix_shape
+from ..quantization import merge_refusal, quantization_of, weight_matrix_shape
 from .distributed import is_sharding_managed
 from .gradient import GradientBinding, MergedSparseDeltaLinear
 from .indices import output_major_pattern
@@ -242,8 +242,8 @@ class InPlaceDeltaLayer(BaseTunerLayer):
 
     def _base_output(self, x: torch.Tensor, in_weight: list[str], *args, **kwargs) -> torch.Tensor:
         """``x W^T + b`` with the weight as it is; gradients by binding for the trainable adapters it holds."""
-        if not torch.is_grad_enabled():
-            return self.base_layer(x, *args, **kwargs)
+        if not torch.is_grad_enabled() or quantization_of(self.get_base_layer()) is not None:
+            return self.base_layer(x, *args, **kwargs)  # a quantized weight: bitsandbytes' own autograd
         trainable = [name for name in in_weight if any(t.requires_grad for t in self._trainable_tensors(name))]
         bindings = [self._gradient_binding(name) for name in trainable]
         tensors = [tensor for name in trainable for tensor in self._trainable_tensors(name)]
@@ -294,7 +294,10 @@ class InPlaceDeltaLayer(BaseTunerLayer):
     # --- peft layer API -----------------------------------------------------------------------
 
     def merge_refusal(self, adapter_names: list[str]) -> Optional[str]:
-        """Why ``adapter_names`` cannot be merged into this layer, or None."""
+        """Why ``adapter_names`` cannot be merged into this layer (a quantized or tied weight), or None."""
+        refusal = merge_refusal(self.get_base_layer(), adapter_names)
+        if refusal is not None:
+            return refusal
         if adapter_names and self.weight_is_tied:
             return (
                 f"cannot merge adapter(s) {adapter_names}: this layer's weight is tied to another module (e.g. the "
@@ -344,6 +347,17 @@ class InPlaceDeltaLayer(BaseTunerLayer):
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return False
+
+
+def weight_is_tied(model: nn.Module, weight: nn.Parameter) -> bool:
+    """Whether ``weight`` is shared with another module of ``model`` (e.g. an output head tied to the input embeddings)."""
+    return sum(parameter is weight for _, parameter in model.named_parameters(remove_duplicate=False)) > 1
+
+
+def mark_tied_weight(layer: InPlaceDeltaLayer, model: nn.Module, delta_in_place: bool) -> None:
+    """Keep a layer's delta out of its weight if the config asks so or the weight is tied (see ``weight_is_tied``)."""
+    layer.weight_is_tied = weight_is_tied(model, layer.get_base_layer().weight)
+    layer.writes_in_place = layer.writes_in_place and delta_in_place and not layer.weight_is_tied
 
 
 # layers whose weight may hold a written delta; after an optimizer step their deltas are stale anyway

@@ -10,11 +10,7 @@ the base weight is never dequantized, in forward or in backward. Merging is refu
 
 from __future__ import annotations
 
-from typing import Optional
-
-import torch
-
-from ..quantization import keep_trainable_layout, merge_refusal, quantization_of
+from ..quantization import keep_trainable_layout, quantization_of
 from .layer import SparseDeltaLinear
 
 
@@ -40,9 +36,3 @@ class QuantizedSparseDeltaLinear(SparseDeltaLinear):
                 f"{type(base).__name__}; use SparseDeltaLinear for dense layers"
             )
         keep_trainable_layout(base)
-
-    def merge_refusal(self, adapter_names: list[str]) -> Optional[str]:
-        return merge_refusal(self.get_base_layer(), adapter_names)
-
-    def _base_output(self, x: torch.Tensor, in_weight: list[str], *args, **kwargs) -> torch.Tensor:
-        return self.base_layer(x, *args, **kwargs)  # bitsandbytes' own autograd; the weight is never written

@@ -17,6 +17,7 @@ from .combine import (
 from .compact_format import compact_tensors, expand_tensors
 from .distributed import all_reduce_mean_, assign_full_, full_tensor
 from ..quantization import dequantized_weight, quantization_of, weight_matrix_shape
+from .in_place import mark_tied_weight
 from .indices import check_index_set, layer_seed
 from .layer import SUPPORTED_BASE_LAYERS, SparseDeltaLayer, SparseDeltaLinear
 from .optimizer_state import remap_optimizer_state
@@ -121,7 +122,6 @@ class SparseDeltaTuner(AllOrNothingTuner):
             indices = self._initial_indices(config, base, count, current_key)
         indices = indices.to(base.weight.device)
         init = dict(init_weights=config.init_weights, init_seed=layer_seed(config.init_seed, f"{current_key}.values"))
-        tied = self._weight_is_tied(base.weight)
         layer_cls = self.quantized_layer_cls if quantization_of(base) is not None else self.delta_layer_cls
         if isinstance(target, layer_cls):
             target.update_layer(adapter_name, indices, **init)
@@ -131,12 +131,7 @@ class SparseDeltaTuner(AllOrNothingTuner):
                 new_module.requires_grad_(False)
             self._replace_module(parent, target_name, new_module, target)
             target = new_module
-        target.weight_is_tied = tied
-        target.writes_in_place = target.writes_in_place and config.delta_in_place and not tied
-
-    def _weight_is_tied(self, weight: nn.Parameter) -> bool:
-        """Whether ``weight`` is shared with another module (e.g. an output head tied to the input embeddings)."""
-        return sum(parameter is weight for _, parameter in self.model.named_parameters(remove_duplicate=False)) > 1
+        mark_tied_weight(target, self.model, config.delta_in_place)
 
     # --- composition ---------------------------------------------------------------------------
 

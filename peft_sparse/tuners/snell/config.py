@@ -71,7 +71,18 @@ class SnellConfig(PeftSparseConfig):
             "magnitude). Needs init_weights=False, since |K| is 0 at the zero initialisation."
         },
     )
-    dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input, in [0, 1)."})
+    dropout: float = field(
+        default=0.0,
+        metadata={"help": "Dropout on the adapter's input, in [0, 1); above 0 the delta cannot be held in place."},
+    )
+    delta_in_place: bool = field(
+        default=True,
+        metadata={
+            "help": "True: write the thresholded delta into the frozen weight where that is safe (a free forward, "
+            "recomputed once per optimizer step; on a bf16/fp16 base it sees round(W0 + delta)). False: apply it as "
+            "a separate term, the kernel recomputed in every forward and backward (exact W0 + delta, slower)."
+        },
+    )
     init_weights: bool = field(
         default=True,
         metadata={
@@ -124,6 +135,7 @@ class SnellConfig(PeftSparseConfig):
         check_sparsity("sparsity", self.sparsity)
         check_sparsity("dropout", self.dropout)
         check_bool("magnitude_competition", self.magnitude_competition)  # init_weights: PeftSparseConfig
+        check_bool("delta_in_place", self.delta_in_place)
         if self.magnitude_competition and self.init_weights:
             raise ValueError(
                 "magnitude_competition=True needs init_weights=False: it scales gradients by |delta|, which is "

@@ -10,7 +10,7 @@ from torch import nn
 
 from ...loading import AllOrNothingTuner
 from ...sparse.indices import layer_seed
-from ...sparse.layer import SUPPORTED_BASE_LAYERS
+from ...sparse.in_place import SUPPORTED_BASE_LAYERS, mark_tied_weight
 from .allocation import ImportanceTracker, allocate_budget, scheduled_budget
 from .config import SnellConfig
 from .layer import SnellLayer, SnellLinear, kept_count
@@ -50,11 +50,13 @@ class SnellModel(AllOrNothingTuner):
             )
         if isinstance(target, SnellLinear):
             target.update_layer(adapter_name, config)
-            return
-        new_module = SnellLinear(target, adapter_name, config, sample_seed=layer_seed(SAMPLE_SEED, current_key))
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+        else:
+            new_module = SnellLinear(target, adapter_name, config, sample_seed=layer_seed(SAMPLE_SEED, current_key))
+            if adapter_name not in self.active_adapters:
+                new_module.requires_grad_(False)
+            self._replace_module(parent, target_name, new_module, target)
+            target = new_module
+        mark_tied_weight(target, self.model, config.delta_in_place)
 
     def snell_layers(self, adapter_name: str) -> Iterator[tuple[str, SnellLayer]]:
         """(module name, layer) of every SNELL layer that holds ``adapter_name``."""
