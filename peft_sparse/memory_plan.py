@@ -15,7 +15,8 @@ Every figure is bytes on one device, computed from the model's ``config.json`` a
   moments; indices are int32 below 2^31 entries per matrix, else int64. SFT/LIFT layers also keep
   bookkeeping: in place, the written indices, the overwritten weight entries and an fp32 undo term
   (k each) plus the CSR pattern (rows + 1 + k); on the additive path (sharded or quantized
-  weights) the CSR pattern twice (row-major and output-major).
+  weights) the CSR pattern twice (row-major and output-major). SNELL in place keeps the same
+  three k-long records for its written entries (k = 10% of each matrix at the default sparsity 0.9).
 - **Selection statistics**: SFT "ag" keeps k candidates, their fp32 accumulated gradients and
   their CSR pattern per matrix through a window; with several processes the window's first
   micro-batch all-reduces one dense fp32 gradient (largest matrix; on one GPU the Triton scan never
@@ -92,6 +93,7 @@ FP32 = 4
 ADAM_MOMENTS = 2
 NF4_BLOCK = 64  # entries per fp32 absmax (bitsandbytes' default 4-bit block size)
 LIFT_SVD_RANK = 128  # LiftConfig's default rank; the randomized SVD takes 2 * rank columns
+SNELL_KEPT_FRACTION = 0.1  # 1 - SnellConfig's default sparsity
 SNELL_CHUNK_BYTES = 6 * FP32 * 2**20  # ~6 live fp32 blocks of triton_kernels.snell_matmul.CHUNK_ENTRIES
 MA_CHUNK_ENTRIES = 2**22  # squared_product_sums' row chunks when the Gram route does not pay
 
@@ -346,6 +348,11 @@ def adapter_plan(
     else:
         plan.trainable = _low_rank_trainable(method, budget.rank(targets), targets)
         plan.adapter = FP32 * plan.trainable / setup.shards
+        if method == "snell" and not setup.additive:  # the written entries, to restore W0 bit-exactly
+            plan.bookkeeping = sum(
+                round(SNELL_KEPT_FRACTION * out * inp) * (_index_bytes((out, inp)) + setup.compute_bytes + FP32)
+                for out, inp in targets
+            )
     ddp_buckets = 2 if setup.strategy == "ddp" and setup.world_size > 1 else 1
     plan.gradients = ddp_buckets * FP32 * plan.trainable / setup.shards
     plan.optimizer = ADAM_MOMENTS * FP32 * plan.trainable / setup.shards

@@ -145,22 +145,23 @@ def _snell_launches() -> list[Launch]:
     groups, width = config.kernel_groups, config.r // config.kernel_groups
     dtype_cases = [(x, factors) for x in OPERAND_DTYPES for factors in parameter_dtypes(x)]
 
-    def constants(kernel: str, magnitude: bool) -> dict:
+    def constants(kernel: str, magnitude: bool, activations: str) -> dict:
         spec = snell_matmul.KernelSpec(kernel, scale=1.0, magnitude=magnitude)
-        return snell_matmul._launch_constants(torch.empty(groups, 0, width), spec)
+        native_dot = activations != "fp32"  # what a GPU launch with these activations uses
+        return snell_matmul._launch_constants(torch.empty(groups, 0, width), spec, native_dot)
 
     launches = []
     apply_combinations = list(product((False, True), snell_matmul.KERNELS, (False, True)))
     for (transposed, kernel, magnitude), (x, factors) in zip(apply_combinations, cycle(dtype_cases)):
         pointers = dict(inputs_ptr=x, a_ptr=factors, b_ptr=factors, tau_ptr="fp32", outputs_ptr="fp32")
-        constexprs = dict(TRANSPOSED=transposed, **constants(kernel, magnitude))
+        constexprs = dict(TRANSPOSED=transposed, **constants(kernel, magnitude, x))
         launches.append(Launch(snell_matmul, "_apply_delta_kernel", pointers, constexprs, floats=("scale", "gamma")))
     grad_combinations = list(product(snell_matmul.KERNELS, (False, True)))
     for (kernel, magnitude), (x, factors) in zip(grad_combinations, cycle(dtype_cases)):
         pointers = dict(
             x_ptr=x, dy_ptr=x, a_ptr=factors, b_ptr=factors, tau_ptr="fp32", da_ptr="fp32", db_ptr="fp32"
         )  # fmt: skip
-        constexprs = constants(kernel, magnitude)
+        constexprs = constants(kernel, magnitude, x)
         launches.append(Launch(snell_matmul, "_grad_factors_kernel", pointers, constexprs, floats=("scale", "gamma")))
     return launches
 

@@ -235,6 +235,23 @@ def test_triton_kernels_match_the_torch_reference(triton_interpreter, kernel, ma
         torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_kernels_take_16_bit_activations_as_the_reference_does(triton_interpreter, dtype):
+    spec = KernelSpec("distance_diff", 0.3)
+    a, b = random_factors(2, 70, 75, 3, dtype=torch.float32)
+    x = torch.randn(37, 70, generator=torch.Generator().manual_seed(2)).to(dtype)
+    tau = threshold_between_entries(a, b, spec, num_kept=1500)
+    grad_output = torch.cos(torch.arange(37 * 75.0)).view(37, 75).to(dtype)
+    results = []
+    for function in (snell_delta_matmul_triton, snell_delta_matmul_reference):
+        leaves = [t.clone().requires_grad_() for t in (x, a, b)]
+        y = function(*leaves, tau, spec)
+        results.append((y, *torch.autograd.grad(y, leaves, grad_output)))
+    for ours, reference in zip(*results):
+        assert ours.dtype == reference.dtype
+        torch.testing.assert_close(ours.float(), reference.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_additive_layer_dispatches_to_triton_under_the_interpreter(triton_interpreter, monkeypatch, input_ids):
     config = SnellConfig(r=4, sparsity=0.5, init_weights=False, delta_in_place=False)
     model = get_peft_model(make_tiny_llama(), config)

@@ -19,7 +19,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from ._dispatch import lazy_jit, tl, triton, use_triton
+from ._dispatch import interpreter_requested, lazy_jit, tl, triton, use_triton
 
 if triton is not None:
     from triton.runtime.interpreter import InterpretedFunction
@@ -186,13 +186,9 @@ def _accumulate_factor_grads(
 
 
 def snell_factor_grads_reference(
-    x: torch.Tensor,
-    grad_output: torch.Tensor,
-    input_factors: torch.Tensor,
-    output_factors: torch.Tensor,
-    threshold: torch.Tensor,
-    spec: KernelSpec,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    x: torch.Tensor, grad_output: torch.Tensor, input_factors: torch.Tensor, output_factors: torch.Tensor,
+    threshold: torch.Tensor, spec: KernelSpec,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """``(dL/dA, dL/dB)`` (at least fp32) of ``y = x @ E^T`` from ``x`` [T, in] and ``dL/dy`` [T, out].
 
     ``dL/dE = dy^T x`` is formed by row chunks, masked to the kept entries and pushed through the
@@ -369,12 +365,14 @@ def _sparse_tile(kernel, tau, MAGNITUDE: tl.constexpr):
 def _apply_delta_kernel(
     inputs_ptr, a_ptr, b_ptr, tau_ptr, outputs_ptr, T, IN, OUT, D, scale, gamma,
     TRANSPOSED: tl.constexpr, H: tl.constexpr, KERNEL: tl.constexpr, MAGNITUDE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    NATIVE_DOT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Forward ``y = x @ E^T`` (``TRANSPOSED=False``) or backward ``dx = dy @ E`` (``True``).
 
     A program owns a [BLOCK_T, BLOCK_N] tile of the output and loops over the reduced dimension
-    in steps of BLOCK_N, computing each [BLOCK_N, BLOCK_N] tile of E on the fly.
+    in steps of BLOCK_N, computing each [BLOCK_N, BLOCK_N] tile of E on the fly. ``NATIVE_DOT``
+    (bf16/fp16 activations): the product runs on tensor cores with E cast to the activations'
+    dtype and fp32 accumulation, as the torch reference computes it.
     """
     num_reduced, num_outputs = IN, OUT
     if TRANSPOSED:
@@ -396,7 +394,10 @@ def _apply_delta_kernel(
         delta = _sparse_tile(tile, tau, MAGNITUDE)  # [out block, in block]
         if not TRANSPOSED:
             delta = tl.trans(delta)
-        acc += tl.dot(inputs.to(tl.float32), delta, input_precision="ieee")
+        if NATIVE_DOT:
+            acc += tl.dot(inputs, delta.to(inputs.dtype))
+        else:
+            acc += tl.dot(inputs.to(tl.float32), delta, input_precision="ieee")
     out_mask = (offs_t[:, None] < T) & (offs_n[None, :] < num_outputs)
     tl.store(outputs_ptr + offs_t[:, None] * num_outputs + offs_n[None, :], acc, mask=out_mask)
 
@@ -404,20 +405,29 @@ def _apply_delta_kernel(
 @lazy_jit
 def _grad_factors_kernel(
     x_ptr, dy_ptr, a_ptr, b_ptr, tau_ptr, da_ptr, db_ptr, T, IN, OUT, D, scale, gamma,
-    H: tl.constexpr, KERNEL: tl.constexpr, MAGNITUDE: tl.constexpr,
+    H: tl.constexpr, KERNEL: tl.constexpr, MAGNITUDE: tl.constexpr, NATIVE_DOT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """One [BLOCK_N, BLOCK_N] tile of dL/dK = mask * (dy^T x), pushed into dA, dB with atomics."""
+    """One [BLOCK_N, BLOCK_N] tile of dL/dK = mask * (dy^T x), pushed into dA, dB with atomics.
+
+    ``NATIVE_DOT`` (bf16/fp16 ``x`` and ``dy``): ``dy^T x`` on tensor cores, whose products of
+    16-bit numbers are exact in the fp32 accumulator, as in the reference's upcast product. The
+    factor-gradient products stay ``ieee``: their operands are fp32 sums whose tf32 rounding (2^-11)
+    would exceed the tests' 1e-5 tolerance.
+    """
     offs_o = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_i = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     grad = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float32)
     for start in range(0, T, BLOCK_T):
         offs_t = start + tl.arange(0, BLOCK_T).to(tl.int64)
         dy_mask = (offs_t[:, None] < T) & (offs_o[None, :] < OUT)
-        dy = tl.load(dy_ptr + offs_t[:, None] * OUT + offs_o[None, :], mask=dy_mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs_t[:, None] * OUT + offs_o[None, :], mask=dy_mask, other=0.0)
         x_mask = (offs_t[:, None] < T) & (offs_i[None, :] < IN)
-        x = tl.load(x_ptr + offs_t[:, None] * IN + offs_i[None, :], mask=x_mask, other=0.0).to(tl.float32)
-        grad += tl.dot(tl.trans(dy), x, input_precision="ieee")
+        x = tl.load(x_ptr + offs_t[:, None] * IN + offs_i[None, :], mask=x_mask, other=0.0)
+        if NATIVE_DOT:
+            grad += tl.dot(tl.trans(dy), x)
+        else:
+            grad += tl.dot(tl.trans(dy.to(tl.float32)), x.to(tl.float32), input_precision="ieee")
     tau = tl.load(tau_ptr)
     tile = _kernel_tile(a_ptr, b_ptr, offs_i, offs_o, IN, OUT, D, scale, gamma, H, KERNEL, BLOCK_N, BLOCK_N, BLOCK_D)
     absolute = tl.abs(tile)
@@ -451,10 +461,22 @@ def _grad_factors_kernel(
 BLOCK_T, BLOCK_N = 32, 64  # untuned: no GPU was available when this was written
 
 
-def _launch_constants(input_factors: torch.Tensor, spec: KernelSpec) -> dict:
+def _native_dot(*activations: torch.dtype) -> bool:
+    """Whether the kernels take products of these activations (x, and dy) on tensor cores (``NATIVE_DOT``).
+
+    Same-dtype fp16 or bf16 operands; bf16 not under Triton's CPU interpreter, whose bf16 ``tl.dot``
+    returns garbage (errors of 1e10 on a 16x16 product; fp16 and a real GPU compile are fine).
+    """
+    if len(set(activations)) != 1:
+        return False
+    return activations[0] == torch.float16 or (activations[0] == torch.bfloat16 and not interpreter_requested())
+
+
+def _launch_constants(input_factors: torch.Tensor, spec: KernelSpec, native_dot: bool) -> dict:
+    """Constexprs of both kernels."""
     groups, _, rank = input_factors.shape
     return dict(
-        H=groups, KERNEL=KERNELS.index(spec.name), MAGNITUDE=spec.magnitude,
+        H=groups, KERNEL=KERNELS.index(spec.name), MAGNITUDE=spec.magnitude, NATIVE_DOT=native_dot,
         BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(rank)),
     )  # fmt: skip
 
@@ -470,7 +492,7 @@ class _TritonSnellMatmul(torch.autograd.Function):
         grid = (triton.cdiv(tokens, BLOCK_T), triton.cdiv(num_out, BLOCK_N))
         _apply_delta_kernel[grid](
             x, a, b, threshold, y, tokens, num_in, num_out, rank, spec.scale, spec.gamma,
-            TRANSPOSED=False, **_launch_constants(a, spec),
+            TRANSPOSED=False, **_launch_constants(a, spec, _native_dot(x.dtype)),
         )  # fmt: skip
         ctx.save_for_backward(x, a, b, threshold)
         ctx.spec = spec
@@ -481,14 +503,13 @@ class _TritonSnellMatmul(torch.autograd.Function):
         x, a, b, threshold = ctx.saved_tensors
         spec, grad_output = ctx.spec, grad_output.contiguous()
         tokens, (_, num_in, rank), num_out = x.shape[0], a.shape, b.shape[1]
-        constants = _launch_constants(a, spec)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.empty(tokens, num_in, dtype=torch.float32, device=x.device)
             grid = (triton.cdiv(tokens, BLOCK_T), triton.cdiv(num_in, BLOCK_N))
             _apply_delta_kernel[grid](
                 grad_output, a, b, threshold, grad_x, tokens, num_in, num_out, rank, spec.scale, spec.gamma,
-                TRANSPOSED=True, **constants,
+                TRANSPOSED=True, **_launch_constants(a, spec, _native_dot(grad_output.dtype)),
             )  # fmt: skip
             grad_x = grad_x.to(x.dtype)
         grad_a, grad_b = _launch_factor_grads(x, grad_output, a, b, threshold, spec)
@@ -506,7 +527,7 @@ def _launch_factor_grads(
     grid = (triton.cdiv(num_out, BLOCK_N), triton.cdiv(num_in, BLOCK_N))
     _grad_factors_kernel[grid](
         x, grad_output, a, b, threshold, grad_a, grad_b, tokens, num_in, num_out, rank, spec.scale, spec.gamma,
-        **_launch_constants(a, spec),
+        **_launch_constants(a, spec, _native_dot(x.dtype, grad_output.dtype)),
     )  # fmt: skip
     return grad_a, grad_b
 

@@ -12,6 +12,11 @@ from triton_kernels.snell_matmul import KERNELS
 from ...config_base import PeftSparseConfig, check_bool, check_choice, check_positive_int
 
 ALLOCATIONS = ("none", "snella")
+DELTA_IN_PLACE_HELP = (
+    "True: write the thresholded delta into the frozen weight where safe, once per optimizer step (a free forward; "
+    "on a bf16/fp16 base it sees round(W0 + delta)). False, or dropout > 0: a separate term recomputed in every "
+    "forward and backward (exact W0 + delta, slower)."
+)
 
 
 def check_sparsity(name: str, value) -> None:
@@ -71,18 +76,8 @@ class SnellConfig(PeftSparseConfig):
             "magnitude). Needs init_weights=False, since |K| is 0 at the zero initialisation."
         },
     )
-    dropout: float = field(
-        default=0.0,
-        metadata={"help": "Dropout on the adapter's input, in [0, 1); above 0 the delta cannot be held in place."},
-    )
-    delta_in_place: bool = field(
-        default=True,
-        metadata={
-            "help": "True: write the thresholded delta into the frozen weight where that is safe (a free forward, "
-            "recomputed once per optimizer step; on a bf16/fp16 base it sees round(W0 + delta)). False: apply it as "
-            "a separate term, the kernel recomputed in every forward and backward (exact W0 + delta, slower)."
-        },
-    )
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input, in [0, 1) (0: in place)."})
+    delta_in_place: bool = field(default=True, metadata={"help": DELTA_IN_PLACE_HELP})
     init_weights: bool = field(
         default=True,
         metadata={
