@@ -1,14 +1,25 @@
-"""Train-step time and peak memory of SFT, S2FT and SNELL (ours) vs LoRA, SHiRA, Super-Tuning, SpIEL-style and full FT.
+"""Train-step time and peak memory of our methods vs LoRA, SHiRA, Super-Tuning, SpIEL-style and full FT.
 
+Ours: SFT, S2FT, SNELL, the selection rules SaRA, HFT, ID3 and LT-SFT, and RoSA.
 Equal budgets: LoRA rank r gives r * (in + out) per target matrix; SHiRA and SNELL (factors of
 width r, sparsity 0.9, its delta in place; ``snell-additive``: applied as a separate term) get the same r, SFT and
 the SpIEL-style baseline get the total (split by matrix size, same random indices), Super-Tuning
 the matching global sparsity (it floors per matrix: the table shows each actual count), S2FT the
 same total in whole heads and FFN channels (``lora_rank_budget``; on the single layer, columns).
+The selection rules ``sara``, ``hft``, ``id3`` and ``lt-sft`` (``SparseConfig(selection=...)``) get SFT's total;
+``rosa`` is LoRA of rank r/2 plus a sparse part of the other half of the total (``RosaConfig``, gradient mask).
+A method's callback runs in its steps as the Trainer calls it (``on_train_begin`` before the first step,
+``on_pre_optimizer_step`` after backward, ``on_step_end`` after the optimizer step; ``max_steps`` = all the
+steps run): SaRA's nuclear-norm gradient (one SVD per step) and frozen slots, HFT's frozen half, ID3's D3
+statistics and unmasking at every step (budget reached at the last step), RoSA's gradient window in the
+warm-up step with its mask chosen after it, so the timed steps train both parts. LT-SFT times its sparse phase
+(fixed indices, no callback): its dense phase (full fine-tuning of the target matrices, one SGD step here)
+and the draw run before the warm-up and are neither timed nor in the peak.
 ``frozen`` trains nothing: forward + backward to the input only, the floor under every method;
 "overhead vs LoRA" is ``(t_method - t_frozen) / (t_LoRA - t_frozen)``.
 A step is forward + backward + AdamW step, timed as the median of --steps after one warm-up step.
-Peak memory: highest process RSS seen by a sampling thread during all steps, above the RSS before.
+Peak memory: highest process RSS seen by a sampling thread during all steps (the callback's
+``on_train_begin`` and the warm-up step included), above the RSS before.
 
     python benchmarks/bench_sft_step.py --workloads smollm2-135m linear-4096
 """
@@ -26,7 +37,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import peft_sparse  # registers SparseConfig with peft
 import psutil
@@ -34,15 +45,23 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, ShiraConfig, SupertuningConfig, get_peft_model
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, TrainerCallback, TrainingArguments
+from transformers import TrainerControl, TrainerState
 
 from peft_sparse.embedded_model import EMBEDDED_DIRECTORY, ORIGINAL_MODEL, embedded_model_path
 from peft_sparse.sparse.indices import layer_seed, random_unique_indices
+from peft_sparse.sparse.lottery_ticket import LotteryTicket
 from peft_sparse.sparse.tuner import split_budget
+from trl_callbacks import RosaCallback, SparseUpdateCallback
 
 from benchmark_metadata import write_results
 
-METHODS = ("frozen", "lora", "sft", "s2ft", "snell", "snell-additive", "spiel-style", "full-ft", "shira", "supertuning")
+SELECTION_RULES = ("sara", "hft", "id3", "lt-sft")  # SparseConfig(selection=...) at SFT's budget
+OUR_METHODS = ("sft", "s2ft", "snell", "snell-additive", *SELECTION_RULES, "rosa")
+METHODS = (
+    "frozen", "lora", "sft", "s2ft", "snell", "snell-additive", *SELECTION_RULES, "rosa", "spiel-style", "full-ft",
+    "shira", "supertuning",
+)  # fmt: skip
 WORKLOADS = ("smollm2-135m", "linear-4096")
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SMOLLM2_SHAPES = dict(
@@ -162,6 +181,16 @@ def build_model(method: str, workload: Workload, rank: int) -> nn.Module:
         config = peft_sparse.SparseConfig(
             num_tunable_weights=budget, selection="random", target_modules=targets, init_seed=INIT_SEED
         )
+    elif method in SELECTION_RULES:
+        config = peft_sparse.SparseConfig(
+            num_tunable_weights=budget, selection=method, target_modules=targets, init_seed=INIT_SEED
+        )
+    elif method == "rosa":  # the gradient window is the warm-up step, the mask is chosen after it
+        lora_part = sum(rank // 2 * (linear.in_features + linear.out_features) for linear in linears.values())
+        config = peft_sparse.RosaConfig(
+            r=rank // 2, lora_alpha=rank // 2, num_tunable_weights=budget - lora_part, mask_warmup_steps=0,
+            mask_accumulation_steps=1, target_modules=targets, init_seed=INIT_SEED,
+        )  # fmt: skip
     elif method == "s2ft":
         single_layer = workload.targets == ["proj"]
         config = peft_sparse.S2ftConfig(
@@ -176,7 +205,59 @@ def build_model(method: str, workload: Workload, rank: int) -> nn.Module:
         config = ShiraConfig(r=rank, target_modules=targets, random_seed=INIT_SEED)
     else:
         config = SupertuningConfig(sparsity=1 - budget / num_entries, target_modules=targets)
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    if method == "lt-sft":
+        draw_lottery_ticket(model, workload)
+    return model
+
+
+def draw_lottery_ticket(model: nn.Module, workload: Workload) -> None:
+    """LT-SFT's dense phase, cut to one SGD step (the movement ``lr * |grad|`` ranks the entries), and the draw."""
+    ticket = LotteryTicket(model)
+    with ticket.dense_phase():
+        dense_weights = [p for p in model.parameters() if p.requires_grad]
+        workload.loss(model, workload.batch).backward()
+        torch.optim.SGD(dense_weights, lr=1e-3).step()
+        model.zero_grad(set_to_none=True)
+    ticket.draw()
+
+
+def method_callback(method: str) -> Optional[TrainerCallback]:
+    """The callback a Trainer run of ``method`` needs (LT-SFT's sparse phase and the baselines: none)."""
+    if method in ("sara", "hft", "id3"):
+        return SparseUpdateCallback()
+    if method == "rosa":
+        return RosaCallback()
+    return None
+
+
+class TrainerEvents:
+    """Calls ``callback``'s hooks with a minimal TrainingArguments / TrainerState, as ``Trainer.train`` does.
+
+    Example:
+        >>> events = TrainerEvents(SparseUpdateCallback(), model, optimizer, max_steps=4)  # doctest: +SKIP
+        >>> events.train_begin()  # doctest: +SKIP
+        >>> # each step: backward, events.pre_optimizer_step(), optimizer step and zero_grad, events.step_end()
+    """
+
+    def __init__(
+        self, callback: TrainerCallback, model: nn.Module, optimizer: torch.optim.Optimizer, max_steps: int
+    ) -> None:
+        self.callback = callback
+        self.args = TrainingArguments(report_to="none")
+        self.state = TrainerState(max_steps=max_steps)
+        self.control = TrainerControl()
+        self.objects = {"model": model, "optimizer": optimizer}
+
+    def train_begin(self) -> None:
+        self.callback.on_train_begin(self.args, self.state, self.control, **self.objects)
+
+    def pre_optimizer_step(self) -> None:
+        self.callback.on_pre_optimizer_step(self.args, self.state, self.control, **self.objects)
+
+    def step_end(self) -> None:
+        self.state.global_step += 1
+        self.callback.on_step_end(self.args, self.state, self.control, **self.objects)
 
 
 class PeakRss:
@@ -210,23 +291,33 @@ def release_freed_memory() -> None:
     LIBC.malloc_trim(0)
 
 
-def train_step_ms(model: nn.Module, optimizer: torch.optim.Optimizer, workload: Workload) -> float:
+def train_step_ms(
+    model: nn.Module, optimizer: torch.optim.Optimizer, workload: Workload, events: Optional[TrainerEvents]
+) -> float:
     start = time.perf_counter()
     workload.loss(model, workload.batch).backward()
+    if events is not None:
+        events.pre_optimizer_step()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if events is not None:
+        events.step_end()
     return (time.perf_counter() - start) * 1000
 
 
-def timed_training(model: nn.Module, workload: Workload, steps: int) -> dict:
-    """Train ``model`` (AdamW) for a warm-up step and ``steps`` timed ones: trainable params, step times, peak RSS."""
+def timed_training(model: nn.Module, workload: Workload, steps: int, callback: Optional[TrainerCallback]) -> dict:
+    """Train ``model`` (AdamW, ``callback`` driven as the Trainer does) for a warm-up step and ``steps`` timed ones:
+    trainable params, step times, peak RSS."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params or [torch.zeros(1, requires_grad=True)], lr=1e-4)  # frozen: a no-op step
+    events = None if callback is None else TrainerEvents(callback, model, optimizer, max_steps=1 + steps)
     release_freed_memory()
     with PeakRss() as memory:
-        train_step_ms(model, optimizer, workload)  # warm-up; also allocates AdamW's state
-        times = [train_step_ms(model, optimizer, workload) for _ in range(steps)]
+        if events is not None:
+            events.train_begin()
+        train_step_ms(model, optimizer, workload, events)  # warm-up; also allocates AdamW's state
+        times = [train_step_ms(model, optimizer, workload, events) for _ in range(steps)]
     return {
         "trainable_params": sum(p.numel() for p in params),
         "step_ms_median": statistics.median(times),
@@ -238,7 +329,8 @@ def timed_training(model: nn.Module, workload: Workload, steps: int) -> dict:
 def measure(method: str, workload: Workload, rank: int, steps: int) -> dict:
     torch.manual_seed(SEED)
     model = build_model(method, workload, rank)
-    row = {"workload": workload.name, "method": method, **timed_training(model, workload, steps)}
+    callback = method_callback(method)
+    row = {"workload": workload.name, "method": method, **timed_training(model, workload, steps, callback)}
     del model
     release_freed_memory()
     return row
@@ -263,7 +355,7 @@ def markdown_table(rows: list[dict]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        label = f"{row['method']} (ours)" if row["method"] in ("sft", "s2ft", "snell", "snell-additive") else row["method"]
+        label = f"{row['method']} (ours)" if row["method"] in OUR_METHODS else row["method"]
         ratios = (row["ratio_vs_lora"], row["overhead_vs_lora"], row["ratio_vs_spiel_style"], row["ratio_vs_full_ft"])
         vs_lora, overhead, vs_spiel, vs_full = (f"{r:.2f}x" if r is not None else "-" for r in ratios)
         lines.append(
