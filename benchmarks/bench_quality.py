@@ -37,7 +37,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import TrainerCallback
 
-from peft_sparse import LiftConfig, SnellConfig, SoraConfig, SparseConfig
+from peft_sparse import LiftConfig, S2ftConfig, SnellConfig, SoraConfig, SparseConfig
 from peft_sparse.tuners.sora import SoraLayer
 from trl_callbacks import SoraCallback, SparseUpdateCallback
 
@@ -101,6 +101,16 @@ def build_lift(base: nn.Module, settings: dict):
     return get_peft_model(base, config), []
 
 
+def build_s2ft(base: nn.Module, settings: dict):
+    """S2FT at LoRA rank r's count: random heads of each attention output and channels of each FFN output.
+
+    BERT names them ``attention.output.dense`` and ``output.dense``; the attention role is matched first.
+    """
+    config = S2ftConfig(lora_rank_budget=settings["r"], attention_output_modules=["attention.output.dense"],
+                        ffn_output_modules=["output.dense"], task_type=settings["task_type"])
+    return get_peft_model(base, config), []
+
+
 def adapter_ranks(model: nn.Module) -> dict:
     """Total (live) rank over the adapted layers, its fraction of the starting rank, and the LoRA size it makes."""
     live = start = params = 0
@@ -128,6 +138,7 @@ METHODS: dict[str, Method] = {
                    adapter_ranks),
     "sft": Method(build_sft, {"learning_rate": 3e-3}, [{"learning_rate": lr} for lr in (1e-3, 3e-3, 5e-3)]),
     "lift": Method(build_lift, {"learning_rate": 3e-3}, [{"learning_rate": lr} for lr in (1e-3, 3e-3, 5e-3)]),
+    "s2ft": Method(build_s2ft, {"learning_rate": 3e-3}, [{"learning_rate": lr} for lr in (1e-3, 3e-3, 5e-3)]),
     "snell": Method(build_snell, {"learning_rate": 5e-3, "sparsity": 0.9},
                     [{"learning_rate": lr, "sparsity": s} for lr in (2e-3, 5e-3, 1e-2) for s in (0.5, 0.9)]),
 }
