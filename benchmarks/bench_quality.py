@@ -37,9 +37,9 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import TrainerCallback
 
-from peft_sparse import LiftConfig, S2ftConfig, SnellConfig, SoraConfig, SparseConfig
+from peft_sparse import LiftConfig, RosaConfig, S2ftConfig, SnellConfig, SoraConfig, SparseConfig
 from peft_sparse.tuners.sora import SoraLayer
-from trl_callbacks import SoraCallback, SparseUpdateCallback
+from trl_callbacks import RosaCallback, SoraCallback, SparseUpdateCallback
 
 from benchmark_metadata import write_text_atomically
 
@@ -101,6 +101,26 @@ def build_lift(base: nn.Module, settings: dict):
     return get_peft_model(base, config), []
 
 
+def build_selection_rule(rule: str, base: nn.Module, settings: dict):
+    """SaRA, HFT or ID3 (``SparseConfig(selection=rule)``) at LoRA rank r's total count.
+
+    Over the 125 steps: SaRA adjusts its slots once, halfway (its reference: 2500 of 5000 steps); HFT
+    re-chooses its frozen half every 31 steps; ID3 unmasks at every step, reaching its budget at the last.
+    """
+    interval = {"sara": 62, "hft": 31}.get(rule, 1)
+    config = SparseConfig(num_tunable_weights=lora_matched_count(base, settings["r"]), target_modules="all-linear",
+                          selection=rule, reselection_steps=interval, task_type=settings["task_type"])
+    return get_peft_model(base, config), [SparseUpdateCallback(log_layer_metrics=False)]
+
+
+def build_rosa(base: nn.Module, settings: dict):
+    """RoSA: a LoRA part of rank r/2 and a sparse part with the rest of LoRA rank r's count (gradient mask)."""
+    half = settings["r"] // 2
+    config = RosaConfig(r=half, lora_alpha=half, target_modules="all-linear", task_type=settings["task_type"],
+                        num_tunable_weights=lora_matched_count(base, settings["r"]) - lora_matched_count(base, half))
+    return get_peft_model(base, config), [RosaCallback()]
+
+
 def build_s2ft(base: nn.Module, settings: dict):
     """S2FT at LoRA rank r's count: random heads of each attention output and channels of each FFN output.
 
@@ -138,6 +158,9 @@ METHODS: dict[str, Method] = {
                    adapter_ranks),
     "sft": Method(build_sft, {"learning_rate": 3e-3}, [{"learning_rate": lr} for lr in (1e-3, 3e-3, 5e-3)]),
     "lift": Method(build_lift, {"learning_rate": 3e-3}, [{"learning_rate": lr} for lr in (1e-3, 3e-3, 5e-3)]),
+    **{rule: Method(partial(build_selection_rule, rule), {"learning_rate": 3e-3},
+                    [{"learning_rate": lr} for lr in (1e-3, 3e-3, 5e-3)]) for rule in ("sara", "hft", "id3")},
+    "rosa": Method(build_rosa, {"learning_rate": 3e-3}, [{"learning_rate": lr} for lr in (1e-3, 3e-3, 5e-3)]),
     "s2ft": Method(build_s2ft, {"learning_rate": 3e-3}, [{"learning_rate": lr} for lr in (1e-3, 3e-3, 5e-3)]),
     "snell": Method(build_snell, {"learning_rate": 5e-3, "sparsity": 0.9},
                     [{"learning_rate": lr, "sparsity": s} for lr in (2e-3, 5e-3, 1e-2) for s in (0.5, 0.9)]),
