@@ -10,7 +10,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peft_sparse import SnellConfig, SoraConfig
-from peft_sparse.sparse import SparseDeltaLayer, SparseDeltaLinear
+from peft_sparse.sparse import SparseDeltaLinear
 from peft_sparse.sparse.in_place import InPlaceDeltaLayer
 from tests.conftest import SPARSE_DELTA_CONFIGS, make_tied_llama, make_tiny_gpt2, make_tiny_llama
 from tests.test_save_load import logits_of

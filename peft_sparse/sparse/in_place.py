@@ -244,9 +244,10 @@ class InPlaceDeltaLayer(BaseTunerLayer):
         """``x W^T + b`` with the weight as it is; gradients by binding for the trainable adapters it holds."""
         if not torch.is_grad_enabled() or quantization_of(self.get_base_layer()) is not None:
             return self.base_layer(x, *args, **kwargs)  # a quantized weight: bitsandbytes' own autograd
-        trainable = [name for name in in_weight if any(t.requires_grad for t in self._trainable_tensors(name))]
+        trainable = {name: self._trainable_tensors(name) for name in in_weight}
+        trainable = {name: tensors for name, tensors in trainable.items() if any(t.requires_grad for t in tensors)}
         bindings = [self._gradient_binding(name) for name in trainable]
-        tensors = [tensor for name in trainable for tensor in self._trainable_tensors(name)]
+        tensors = [tensor for name_tensors in trainable.values() for tensor in name_tensors]
         base = self.get_base_layer()
         return MergedSparseDeltaLinear.apply(
             x, base.weight, base.bias, self.weight_is_transposed, self.weight_holds, bindings, *tensors
