@@ -26,10 +26,11 @@ from bench_quality import environment, merge_results  # noqa: E402
 ARITHMETIC_METHODS = lift_arithmetic_trl.METHODS
 # Learning rates: full FT and LoRA from ../shared/BENCHMARKS.md; SFT as in the SFT demo; LIFT trains
 # a few % of every matrix, between the two.
-# SaRA, HFT, ID3 and LT-SFT train sparse values at SFT's budget: SFT's rate (LT-SFT's dense phase: full FT's,
+# SaRA, HFT, ID3 and LT-SFT train sparse values at SFT's budget: SFT's rate; RoSA LoRA's and SFT's (both 1e-3) (LT-SFT's dense phase: full FT's,
 # lift_arithmetic_trl's --dense-learning-rate default).
 DEFAULT_LEARNING_RATES = {
     "lift": 5e-4, "sft": 1e-3, "lora": 1e-3, "full": 2e-5, "sara": 1e-3, "hft": 1e-3, "id3": 1e-3, "lt-sft": 1e-3, "s2ft": 1e-3,
+    "rosa": 1e-3,
 }
 DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16"}
 
@@ -72,7 +73,7 @@ def main() -> None:
     parser.add_argument("--lr-multipliers", type=lambda text: [float(value) for value in text.split(",")],
                         default=[1.0], help="learning-rate grid: multiples of each method's default, e.g. 0.5,1,2")
     args = parser.parse_args()
-    sparse_delta_methods = ("lift", "sft", "sara", "hft", "s2ft", "id3", "lt-sft")
+    sparse_delta_methods = ("lift", "sft", "sara", "hft", "s2ft", "id3", "lt-sft", "rosa")
     if args.exact_delta and not set(args.methods.split(",")) <= set(sparse_delta_methods):
         parser.error(f"--exact-delta applies to {', '.join(sparse_delta_methods)} only, got --methods {args.methods}")
     rows = []

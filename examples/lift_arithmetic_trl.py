@@ -26,11 +26,11 @@ from arithmetic_task import (
     DEFAULT_GENERAL_TEXT, add_run_arguments, arithmetic_problems, conversational_dataset, evaluate, load_and_score,
     read_general_texts, schedule_arguments, text_loss,
 )  # fmt: skip
-from peft_sparse import LiftConfig, S2ftConfig, SparseConfig
+from peft_sparse import LiftConfig, RosaConfig, S2ftConfig, SparseConfig
 from peft_sparse.sparse.lottery_ticket import LotteryTicket
-from trl_callbacks import SparseUpdateCallback
+from trl_callbacks import RosaCallback, SparseUpdateCallback
 
-METHODS = ("lift", "sft", "lora", "full", "sara", "hft", "s2ft", "id3", "lt-sft")
+METHODS = ("lift", "sft", "lora", "full", "sara", "hft", "s2ft", "id3", "lt-sft", "rosa")
 
 
 def lora_equivalent_count(model: nn.Module, rank: int) -> int:
@@ -51,7 +51,9 @@ def prepare(
 
     SaRA adjusts its trainable slots once, halfway through the ``steps`` (its reference run: 2500 of
     5000); HFT re-chooses its frozen half every quarter of the run. ID3 unmasks at every step, reaching
-    its budget at the last; LT-SFT's indices are drawn by ``run_dense_phase`` before training.
+    its budget at the last; LT-SFT's indices are drawn by ``run_dense_phase`` before training. RoSA
+    has a LoRA part of rank ``budget_rank / 2`` and a sparse part with the rest of the budget, its mask
+    chosen from gradients after the first half of the run (LoRA alone until then).
     """
     if method == "full":
         return model, []
@@ -79,6 +81,12 @@ def prepare(
     if method == "s2ft":
         config = S2ftConfig(lora_rank_budget=budget_rank, delta_in_place=delta_in_place, task_type="CAUSAL_LM")
         return get_peft_model(model, config), []
+    if method == "rosa":
+        half = budget_rank // 2
+        sparse_count = lora_equivalent_count(model, budget_rank) - lora_equivalent_count(model, half)
+        config = RosaConfig(r=half, lora_alpha=half, num_tunable_weights=sparse_count, mask_warmup_steps=steps // 2,
+                            delta_in_place=delta_in_place, target_modules="all-linear", task_type="CAUSAL_LM")
+        return get_peft_model(model, config), [RosaCallback()]
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
