@@ -10,16 +10,17 @@ from peft import PeftModel, get_peft_model  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer  # noqa: E402
 
-from peft_sparse import LiftConfig, SnellConfig, SoraConfig, SparseConfig  # noqa: E402
+from peft_sparse import LiftConfig, RosaConfig, SnellConfig, SoraConfig, SparseConfig  # noqa: E402
 from peft_sparse.quantization import dequantized_weight  # noqa: E402
 from peft_sparse.sparse.indices import random_unique_indices  # noqa: E402
 from peft_sparse.sparse.principal import principal_weight_indices  # noqa: E402
 from peft_sparse.sparse.quantized_layer import QuantizedSparseDeltaLinear  # noqa: E402
+from peft_sparse.tuners.rosa.layer import QuantizedRosaLinear, RosaLinear  # noqa: E402
 from peft_sparse.tuners.snell.layer import SnellLinear  # noqa: E402
 from peft_sparse.tuners.sora.layer import SoraLinear  # noqa: E402
 from tests.conftest import make_tiny_llama, randomize_values  # noqa: E402
 from tests.test_trainer import repeating_sequences, training_args  # noqa: E402
-from trl_callbacks import SparseUpdateCallback  # noqa: E402
+from trl_callbacks import RosaCallback, SparseUpdateCallback  # noqa: E402
 
 QUANTIZATIONS = {
     "nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
@@ -31,6 +32,7 @@ METHOD_CONFIGS = {
     "lift": lambda: LiftConfig(density=0.1, rank=4, svd_method="exact"),
     "sora": lambda: SoraConfig(r=4),
     "snell": lambda: SnellConfig(r=4, sparsity=0.5),
+    "rosa": lambda: RosaConfig(r=2, density=0.1, mask_rule="magnitude", init_weights=False),
 }
 MERGE_ERROR = r"cannot merge adapter\(s\) \['default'\] into a bitsandbytes 4bit Linear4bit: re-quantizing W \+ delta"
 
@@ -269,6 +271,60 @@ def test_sora_and_snell_on_4bit_match_the_dequantized_dense_layer(method, layer_
 
 
 @pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_rosa_on_quantized_bases_matches_the_dequantized_dense_layer(quantization):
+    """Both RoSA parts beside the quantized weight equal RoSA on an nn.Linear holding the dequantized weight."""
+    base = quantized_linear(quantization)
+    dense = nn.Linear(64, 48)
+    with torch.no_grad():
+        dense.weight.copy_(dequantized_weight(base))
+        dense.bias.copy_(base.bias)
+    indices = random_unique_indices(64 * 48, 300, seed=2)
+    quantized_layer = QuantizedRosaLinear(base, "default", indices, init_weights=False, init_seed=3)
+    dense_layer = RosaLinear(dense, "default", indices, init_weights=False, init_seed=3)
+    for layer in (quantized_layer, dense_layer):
+        layer.update_low_rank("default", r=4, lora_alpha=8, lora_dropout=0.0, init_weights=False, init_seed=4)
+    inputs = torch.randn(3, 64, generator=torch.Generator().manual_seed(5))
+    quantized_output, dense_output = quantized_layer(inputs), dense_layer(inputs)
+    quantized_output.square().sum().backward()
+    dense_output.square().sum().backward()
+
+    torch.testing.assert_close(quantized_output, dense_output, rtol=1e-5, atol=1e-5)
+    for name in ("rosa_values.default", "rosa_A.default", "rosa_B.default"):
+        torch.testing.assert_close(quantized_layer.get_parameter(name).grad, dense_layer.get_parameter(name).grad,
+                                   rtol=1e-4, atol=1e-4)  # fmt: skip
+    assert quantized_layer.get_parameter("rosa_B.default").grad.abs().sum() > 0
+    torch.testing.assert_close(quantized_layer.get_delta_weight("default"), dense_layer.get_delta_weight("default"),
+                               rtol=0, atol=0)  # fmt: skip
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_rosa_gradient_mask_is_chosen_and_trains_on_quantized_models(tiny_llama_dir, tmp_path, quantization):
+    """RosaCallback's mask step reads the dense weight gradient on the quantized path; the packed weight never moves."""
+    config = RosaConfig(r=2, density=0.1, mask_warmup_steps=2, mask_accumulation_steps=2)
+    model = get_peft_model(load_quantized(tiny_llama_dir, quantization), config)
+    layers = dict(model.base_model.sparse_delta_layers())
+    assert len(layers) == 14 and all(isinstance(layer, QuantizedRosaLinear) for layer in layers.values())
+    placeholder = {name: layer.rosa_indices["default"].clone() for name, layer in layers.items()}
+    packed = {name: layer.get_base_layer().weight.data.clone() for name, layer in layers.items()}
+    dataset = repeating_sequences()
+    held_out = torch.tensor(dataset[:8]["input_ids"])
+
+    def held_out_loss() -> float:
+        with torch.no_grad():
+            return model(input_ids=held_out, labels=held_out).loss.item()
+
+    initial_loss = held_out_loss()
+    args = training_args(tmp_path, max_steps=6, logging_steps=3, lr_scheduler_type="constant", learning_rate=0.05)
+    Trainer(model=model, args=args, train_dataset=dataset, callbacks=[RosaCallback()]).train()
+
+    assert held_out_loss() < initial_loss  # slowly: the LoRA part starts at B = 0 (dense RoSA: 4.157 -> 4.151)
+    for name, layer in layers.items():
+        assert not torch.equal(layer.rosa_indices["default"], placeholder[name]), name
+        assert torch.count_nonzero(layer.rosa_values["default"]) > 0, name  # the sparse part trained after the mask
+        assert torch.equal(layer.get_base_layer().weight.data, packed[name]), name
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
 @pytest.mark.parametrize("method", ["sora", "snell"])
 def test_sora_and_snell_train_on_quantized_models(tiny_llama_dir, method, quantization):
     model = get_peft_model(load_quantized(tiny_llama_dir, quantization), METHOD_CONFIGS[method]())
@@ -310,7 +366,7 @@ def test_sparse_and_lift_train_on_4bit_under_cpu_bf16_autocast(tiny_llama_dir, m
 # --- save / load / merge --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["sparse", "lift", "sora"])
+@pytest.mark.parametrize("method", ["sparse", "lift", "sora", "rosa"])
 def test_adapter_trained_on_4bit_round_trips_and_merges_on_an_fp32_base(tiny_llama_dir, tmp_path, method):
     model = get_peft_model(load_quantized(tiny_llama_dir, "nf4"), METHOD_CONFIGS[method]())
     generator = torch.Generator().manual_seed(6)
@@ -337,7 +393,7 @@ def test_adapter_trained_on_4bit_round_trips_and_merges_on_an_fp32_base(tiny_lla
     torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["sparse", "lift", "sora", "snell"])
+@pytest.mark.parametrize("method", ["sparse", "lift", "sora", "snell", "rosa"])
 def test_merge_on_a_quantized_base_raises_and_changes_nothing(tiny_llama_dir, method):
     model = get_peft_model(load_quantized(tiny_llama_dir, "nf4"), METHOD_CONFIGS[method]())
     with torch.no_grad():
