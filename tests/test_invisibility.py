@@ -9,21 +9,31 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peft_sparse import SnellConfig, SoraConfig
+from peft_sparse import RosaConfig, S2ftConfig, SnellConfig, SoraConfig
 from peft_sparse.sparse import SparseDeltaLinear
 from peft_sparse.sparse.in_place import InPlaceDeltaLayer
+from peft_sparse.tuners.rosa.layer import LowRankPart
 from tests.conftest import SPARSE_DELTA_CONFIGS, make_tied_llama, make_tiny_gpt2, make_tiny_llama
 from tests.test_save_load import logits_of
 
 SPARSE_METHODS = pytest.mark.parametrize("method", sorted(SPARSE_DELTA_CONFIGS))
 # every method whose delta may be held in the frozen weight
-IN_PLACE_CONFIGS = {**SPARSE_DELTA_CONFIGS, "snell": lambda **kwargs: SnellConfig(r=4, sparsity=0.5, **kwargs)}
+IN_PLACE_CONFIGS = {
+    **SPARSE_DELTA_CONFIGS,
+    "snell": lambda **kwargs: SnellConfig(r=4, sparsity=0.5, **kwargs),
+    # RoSA's LoRA part is computed beside the weight; its sparse part is held in the weight like SFT's
+    "rosa": lambda **kwargs: RosaConfig(r=2, density=0.1, mask_rule="magnitude", **kwargs),
+}
 IN_PLACE_METHODS = pytest.mark.parametrize("method", sorted(IN_PLACE_CONFIGS))
 # every method, with a non-zero delta from the start
 ALL_CONFIGS = {
     **{name: (lambda factory=factory: factory(init_weights=False)) for name, factory in SPARSE_DELTA_CONFIGS.items()},
     "sora": lambda: SoraConfig(r=4, init_weights=False),
     "snell": lambda: SnellConfig(r=4, sparsity=0.5, init_weights=False),
+    "rosa": lambda: IN_PLACE_CONFIGS["rosa"](init_weights=False),
+    # its targets follow from module roles: Llama's and GPT-2's names
+    "s2ft": lambda: S2ftConfig(num_heads=1, num_channels=8, attention_output_modules=["o_proj", "attn.c_proj"],
+                               ffn_output_modules=["down_proj", "mlp.c_proj"], init_weights=False),  # fmt: skip
 }
 ALL_METHODS = pytest.mark.parametrize("method", sorted(ALL_CONFIGS))
 
@@ -91,7 +101,8 @@ def test_the_weight_holds_the_delta_in_place_when_no_graph_needs_it(method, inpu
     model(input_ids=input_ids)  # the graph is dropped at once: nothing holds the weights
     for name, layer in in_place_layers(model):
         assert layer._written, name
-        expected = pristine[name] + layer.get_delta_weight("default")
+        held = super(LowRankPart, layer) if isinstance(layer, LowRankPart) else layer  # RoSA: its sparse part
+        expected = pristine[name] + held.get_delta_weight("default")
         torch.testing.assert_close(layer.get_base_layer().weight, expected, rtol=0, atol=0)
 
 
@@ -122,6 +133,20 @@ def test_a_state_dict_round_trip_gives_identical_logits_and_base(method, make_ba
     torch.testing.assert_close(logits_of(restored, input_ids), expected, rtol=0, atol=1e-6)
     with restored.disable_adapter():
         torch.testing.assert_close(logits_of(restored, input_ids), logits_of(make_base(), input_ids), rtol=0, atol=1e-6)
+
+
+@ALL_METHODS
+def test_a_disabled_forward_of_a_merged_model_is_the_base_and_leaves_it_merged(method, input_ids):
+    """peft's test_disable_adapters_with_merging, on the tiny Llama: disabling shows W0 whatever is merged."""
+    model = get_peft_model(make_tiny_llama(), ALL_CONFIGS[method]())
+    expected = logits_of(model, input_ids)
+    model.merge_adapter()
+    with model.disable_adapter():
+        torch.testing.assert_close(logits_of(model, input_ids), logits_of(make_tiny_llama(), input_ids),
+                                   rtol=0, atol=1e-5)  # fmt: skip
+    torch.testing.assert_close(logits_of(model, input_ids), expected, rtol=0, atol=1e-5)
+    merged = model.merge_and_unload()
+    torch.testing.assert_close(logits_of(merged, input_ids), expected, rtol=0, atol=1e-5)
 
 
 @IN_PLACE_METHODS

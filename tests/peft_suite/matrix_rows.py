@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from peft import LoraConfig
 
-from peft_sparse import LiftConfig, S2ftConfig, SnellConfig, SoraConfig, SparseConfig
+from peft_sparse import LiftConfig, RosaConfig, S2ftConfig, SnellConfig, SoraConfig, SparseConfig
 
-OUR_CONFIG_CLASSES = (SparseConfig, LiftConfig, SoraConfig, SnellConfig, S2ftConfig)
+OUR_CONFIG_CLASSES = (SparseConfig, LiftConfig, SoraConfig, SnellConfig, S2ftConfig, RosaConfig)
 
 SPARSE_ROWS = [
     # density 0.1, not the default 0.01: 2 entries of lin0 can both sit on hidden units that ReLU zeroes
@@ -52,6 +52,27 @@ SPARSE_ROWS = [
         "MLP",
         SparseConfig,
         {"target_modules": ["lin0", "lin1"], "density": 0.25, "delta_in_place": False, "init_weights": False},
+    ),
+    # the other selection rules (their callbacks' steps are not part of peft's tests; the layer is the same)
+    (
+        "Vanilla MLP 9 SPARSE sara",
+        "MLP",
+        SparseConfig,
+        {"target_modules": ["lin0", "lin1"], "density": 0.25, "selection": "sara", "init_weights": False},
+    ),
+    (
+        "Vanilla MLP 10 SPARSE hft",
+        "MLP",
+        SparseConfig,
+        {"target_modules": ["lin0", "lin1"], "density": 0.25, "selection": "hft", "init_weights": False},
+    ),
+    ("Vanilla MLP 11 SPARSE id3", "MLP", SparseConfig, {"target_modules": ["lin0", "lin1"], "density": 0.25,
+                                                         "selection": "id3"}),  # fmt: skip
+    (
+        "Vanilla MLP 12 SPARSE lt-sft",
+        "MLP",
+        SparseConfig,
+        {"target_modules": ["lin0", "lin1"], "density": 0.25, "selection": "lt-sft", "init_weights": False},
     ),
     (
         "Embedding + transformers Conv1D 1 SPARSE",
@@ -200,6 +221,70 @@ SNELL_ROWS = [
     ),
 ]
 
+ROSA_ROWS = [
+    # mask_rule="gradient" (the default) holds the sparse part back until RosaCallback's mask step: those
+    # rows test the LoRA part alone; "magnitude" (DSEE) rows have both parts from the start. Rows with
+    # init_weights=False on both layers use lora_alpha = r (scale 1), as peft's lr=0.5 training tests
+    # drive LoRA's scale 4 to NaN (see LORA_TWIN_ROWS)
+    ("Vanilla MLP 1 ROSA", "MLP", RosaConfig, {"target_modules": "lin0", "r": 2, "density": 0.1}),
+    ("Vanilla MLP 2 ROSA", "MLP", RosaConfig, {"target_modules": ["lin0"], "r": 4, "density": 0.1,
+                                               "mask_rule": "magnitude"}),  # fmt: skip
+    ("Vanilla MLP 3 ROSA", "MLP", RosaConfig, {"target_modules": ["lin1"], "r": 1, "density": 0.5,
+                                               "mask_rule": "magnitude"}),  # fmt: skip
+    (
+        "Vanilla MLP 4 ROSA",
+        "MLP",
+        RosaConfig,
+        {
+            "target_modules": ["lin0", "lin1"],
+            "r": 2,
+            "lora_alpha": 2,
+            "density": 0.25,
+            "mask_rule": "magnitude",
+            "init_weights": False,
+        },
+    ),
+    (
+        "Vanilla MLP 5 ROSA",
+        "MLP",
+        RosaConfig,
+        {"target_modules": ["lin0"], "modules_to_save": ["lin1"], "r": 2, "density": 0.1, "mask_rule": "magnitude"},
+    ),
+    (
+        "Vanilla MLP 6 ROSA additive dropout",
+        "MLP",
+        RosaConfig,
+        {
+            "target_modules": ["lin0", "lin1"],
+            "r": 2,
+            "lora_alpha": 2,
+            "density": 0.25,
+            "mask_rule": "magnitude",
+            "lora_dropout": 0.1,
+            "delta_in_place": False,
+            "init_weights": False,
+        },
+    ),
+    (
+        "Vanilla MLP 7 ROSA gradient mask pending",
+        "MLP",
+        RosaConfig,
+        {"target_modules": ["lin0", "lin1"], "r": 2, "lora_alpha": 2, "density": 0.25, "init_weights": False},
+    ),
+    (
+        "Embedding + transformers Conv1D 1 ROSA",
+        "EmbConv1D",
+        RosaConfig,
+        {"target_modules": ["conv1d"], "r": 1, "density": 0.5, "mask_rule": "magnitude"},
+    ),
+    (
+        "Embedding + transformers Conv1D 2 ROSA",
+        "EmbConv1D",
+        RosaConfig,
+        {"target_modules": ["conv1d", "lin0"], "r": 1, "density": 0.5, "mask_rule": "magnitude", "init_weights": False},
+    ),
+]
+
 CHANNELS_OF_LIN1 = {"attention_output_modules": [], "ffn_output_modules": ["lin1"]}
 COUPLED_LIN0_LIN1 = {**CHANNELS_OF_LIN1, "ffn_input_modules": ["lin0"]}
 S2FT_ROWS = [
@@ -274,7 +359,7 @@ S2FT_ROWS = [
     ),
 ]
 
-TEST_CASES = SPARSE_ROWS + LIFT_ROWS + SORA_ROWS + SNELL_ROWS + S2FT_ROWS
+TEST_CASES = SPARSE_ROWS + LIFT_ROWS + SORA_ROWS + SNELL_ROWS + S2FT_ROWS + ROSA_ROWS
 
 # LoRA with the scale and init of SoRA rows that peft's lr=0.5 training tests drive to NaN
 # (test_parameters_after_loading_model), run beside peft's LoRA rows to tell the test's
@@ -315,6 +400,8 @@ MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES = (
     + _same_and_different("LIFT", "lift", LiftConfig, {"density": 0.5, "rank": 2}, {"init_seed": 7})
     + _same_and_different("SORA", "sora", SoraConfig, {"r": 2}, {})
     + _same_and_different("SNELL", "snell", SnellConfig, {"r": 4, "sparsity": 0.5}, {})
+    + _same_and_different("ROSA", "rosa", RosaConfig, {"r": 2, "density": 0.5, "mask_rule": "magnitude"},
+                          {"init_seed": 7})
     + [
         (f"S2FT {kind}", "s2ft", S2ftConfig, {**S2FT_ADAPTER, "init_weights": False}, {**S2FT_ADAPTER, **second})
         for kind, second in [

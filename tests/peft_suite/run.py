@@ -4,7 +4,7 @@ peft tests every method against one matrix of tiny models and properties
 (``tests/test_custom_models.py``: forward, dtypes, training touches only adapter parameters,
 merge/unmerge/safe merge, save/load, disable, delete, several adapters). This script runs that
 file, from the peft release installed here, with rows for SparseConfig, LiftConfig, SoraConfig,
-SnellConfig and S2ftConfig (``matrix_rows.py``) put into its lists at collection time
+SnellConfig, S2ftConfig and RosaConfig (``matrix_rows.py``) put into its lists at collection time
 (``matrix_plugin.py``); nothing of peft's is committed or edited.
 
 Usage (from the repository root, in the venv)::

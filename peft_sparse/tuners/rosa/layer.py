@@ -10,7 +10,8 @@ weight gradient's factors to the adapter's observer instead.
 Merging adds ``scaling * B @ A`` to the weight densely, beneath the sparse writes (they are taken
 out first and written back over it, so restoring their entries keeps the low-rank part), and
 unmerging subtracts it again: exact up to float rounding, as for LoRA. While merged, the low-rank
-part is in the weight as a merged LoRA's is; the sparse part never shows in a state dict.
+part is in the weight as a merged LoRA's is (a disabled forward subtracts it from the output, so
+it shows ``W0`` and stays merged); the sparse part never shows in a state dict.
 """
 
 from __future__ import annotations
@@ -94,14 +95,18 @@ class LowRankPart:
     def _wanted_adapters(self) -> list[str]:
         return [name for name in super()._wanted_adapters() if name not in self.mask_pending]
 
-    def low_rank_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        """``scaling * B (A dropout(x))`` [..., out], in the adapter's dtype."""
+    def low_rank_output(self, adapter_name: str, x: torch.Tensor, dropout: bool = True) -> torch.Tensor:
+        """``scaling * B (A dropout(x))`` [..., out], in the adapter's dtype (no dropout: what a merge adds)."""
         weight_a = self.rosa_A[adapter_name]
-        hidden = F.linear(self.rosa_dropout[adapter_name](x.to(weight_a.dtype)), weight_a)  # [..., r]
+        x = x.to(weight_a.dtype)
+        hidden = F.linear(self.rosa_dropout[adapter_name](x) if dropout else x, weight_a)  # [..., r]
         return F.linear(hidden, self.rosa_B[adapter_name]) * self.scaling[adapter_name]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.forward_with_deltas(x, *args, **kwargs)
+        if self.disable_adapters and self.merged:  # the merged LoRA parts stay in the weight: take them out here
+            for adapter_name in self.merged_adapters:
+                result = result - self.low_rank_output(adapter_name, x, dropout=False).to(result.dtype)
         if self.disable_adapters or self.merged:
             return result
         for adapter_name in self.active_adapters:
