@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -38,6 +38,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from peft_sparse import LiftConfig, RosaConfig, S2ftConfig, SnellConfig, SoraConfig, SparseConfig
+from peft_sparse.sparse.lottery_ticket import LotteryTicket
 from peft_sparse.tuners.sora import SoraLayer
 from trl_callbacks import RosaCallback, SoraCallback, SparseUpdateCallback
 
@@ -56,6 +57,8 @@ class Method:
     default: dict
     grid: list[dict]
     report: Callable[[nn.Module], dict] = field(default=lambda model: {})
+    # (model, tokenizer, train rows, settings, seed): work on the built model before its training (LT-SFT's dense phase)
+    before_training: Optional[Callable[..., None]] = None
 
 
 def build_lora(base: nn.Module, settings: dict):
@@ -113,6 +116,22 @@ def build_selection_rule(rule: str, base: nn.Module, settings: dict):
     return get_peft_model(base, config), [SparseUpdateCallback(log_layer_metrics=False)]
 
 
+def build_lt_sft(base: nn.Module, settings: dict):
+    """LT-SFT at LoRA rank r's total count; ``lt_sft_dense_phase`` draws its indices before training."""
+    config = SparseConfig(num_tunable_weights=lora_matched_count(base, settings["r"]), target_modules="all-linear",
+                          selection="lt-sft", task_type=settings["task_type"])
+    return get_peft_model(base, config), []
+
+
+def lt_sft_dense_phase(model: nn.Module, tokenizer, train: list, settings: dict, seed: int) -> None:
+    """LT-SFT's dense phase: one epoch of the adapted matrices at ``dense_learning_rate`` (the fresh head stays
+    as initialised: it is trained in the sparse phase), then the entries that moved most become the adapter."""
+    ticket = LotteryTicket(model)
+    with ticket.dense_phase():
+        sst2_task.train_classifier(model, tokenizer, train, settings["dense_learning_rate"], seed=seed)
+    ticket.draw()
+
+
 def build_rosa(base: nn.Module, settings: dict):
     """RoSA: a LoRA part of rank r/2 and a sparse part with the rest of LoRA rank r's count (gradient mask)."""
     half = settings["r"] // 2
@@ -160,6 +179,10 @@ METHODS: dict[str, Method] = {
     "lift": Method(build_lift, {"learning_rate": 3e-3}, [{"learning_rate": lr} for lr in (1e-3, 3e-3, 5e-3)]),
     **{rule: Method(partial(build_selection_rule, rule), {"learning_rate": 3e-3},
                     [{"learning_rate": lr} for lr in (1e-3, 3e-3, 5e-3)]) for rule in ("sara", "hft", "id3")},
+    # dense phase: the same epoch as the sparse phase (the paper's equal phases), at a full fine-tuning rate
+    "lt-sft": Method(build_lt_sft, {"learning_rate": 3e-3, "dense_learning_rate": 1e-4},
+                     [{"learning_rate": lr, "dense_learning_rate": 1e-4} for lr in (1e-3, 3e-3, 5e-3)],
+                     before_training=lt_sft_dense_phase),
     "rosa": Method(build_rosa, {"learning_rate": 3e-3}, [{"learning_rate": lr} for lr in (1e-3, 3e-3, 5e-3)]),
     "s2ft": Method(build_s2ft, {"learning_rate": 3e-3}, [{"learning_rate": lr} for lr in (1e-3, 3e-3, 5e-3)]),
     "snell": Method(build_snell, {"learning_rate": 5e-3, "sparsity": 0.9},
@@ -178,6 +201,10 @@ def run_classification(method: Method, settings: dict, args, train_rows: int = 4
     model, callbacks = method.build(base, {**settings, "task_type": "SEQ_CLS"})
     trainable = trainable_parameters(model)
     started = time.perf_counter()
+    if method.before_training is not None:
+        method.before_training(model, tokenizer, train, settings, args.seed)
+    before_training_seconds = time.perf_counter() - started
+    started = time.perf_counter()
     trainer = sst2_task.train_classifier(model, tokenizer, train, settings["learning_rate"], callbacks, seed=args.seed)
     train_seconds = time.perf_counter() - started
     return {
@@ -185,6 +212,7 @@ def run_classification(method: Method, settings: dict, args, train_rows: int = 4
         "accuracy": sst2_task.accuracy(model, tokenizer, test),
         "trainable_params": trainable,
         "train_seconds": round(train_seconds, 1),
+        **({"before_training_seconds": round(before_training_seconds, 1)} if method.before_training else {}),
         "steps": trainer.state.global_step,
         **method.report(model),
     }

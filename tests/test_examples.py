@@ -188,6 +188,25 @@ def test_classification_tasks_train_pick_and_score_on_disjoint_rows(monkeypatch,
     assert result["steps"] == train_rows // 32
 
 
+def test_lt_sft_quality_row_draws_its_adapter_from_a_dense_phase_on_sst2_rows(tmp_path):
+    """bench_quality's LT-SFT: the dense phase moves the matrices, the draw keeps the largest moves, W0 is restored."""
+    base, tokenizer = sst2_task.load_classifier(str(save_tiny_encoder(tmp_path / "encoder")), seed=0)
+    pristine = {name: p.detach().clone() for name, p in base.named_parameters()}
+    model, callbacks = bench_quality.build_lt_sft(base, {"r": 2, "task_type": "SEQ_CLS"})
+    layers = dict(model.base_model.sparse_delta_layers())
+    placeholder = {name: layer.delta_indices["default"].clone() for name, layer in layers.items()}
+    words = ["good", "great", "fine", "bad", "awful", "poor"]
+    rows = [(f"a {words[i % 6]} film {i}", int(i % 6 < 3)) for i in range(64)]
+    bench_quality.lt_sft_dense_phase(model, tokenizer, rows, {"dense_learning_rate": 1e-2}, seed=0)
+
+    drawn = sum(layer.num_values("default") for layer in layers.values())
+    assert callbacks == [] and drawn == bench_quality.lora_matched_count(base, 2)
+    assert any(not torch.equal(layer.delta_indices["default"], placeholder[name]) for name, layer in layers.items())
+    for name, layer in layers.items():
+        assert torch.equal(layer.pristine_weight(), pristine[f"{name.removeprefix('base_model.model.')}.weight"]), name
+        assert torch.count_nonzero(layer.delta_values["default"]) == 0, name  # the sparse phase starts from W0
+
+
 def test_parse_settings_reads_numbers_booleans_and_names():
     pairs = ["xi_end=1.5", "xi_schedule=linear", "scale_xi_by_lr=False", "learning_rate=3e-3"]
     assert bench_quality.parse_settings(pairs) == {
