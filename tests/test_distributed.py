@@ -59,10 +59,12 @@ def test_selection_steps_changed_the_indices(ddp_adapters, method):
     assert sum(int((~torch.isin(trained[key], initial[key])).sum()) for key in indices) > 0
 
 
-def test_accumulated_gradient_selection_matches_one_process_with_the_global_batch(ddp_adapters, tmp_path):
-    """AG averages its statistics over ranks, so 2 x 2 samples pick what 1 x 4 samples pick."""
-    single = expand_tensors(get_peft_model_state_dict(train("sparse-ag", str(tmp_path), per_device_train_batch_size=4)))
-    distributed = expand_tensors(load_file(ddp_adapters / "sparse-ag-rank0.safetensors"))
+@pytest.mark.parametrize("method", ["sparse-ag", "rosa"])
+def test_accumulated_gradient_selection_matches_one_process_with_the_global_batch(ddp_adapters, tmp_path, method):
+    """AG averages its statistics over ranks and RoSA squares the global batch's gradient (from gathered
+    token factors), so 2 x 2 samples pick what 1 x 4 samples pick."""
+    single = expand_tensors(get_peft_model_state_dict(train(method, str(tmp_path), per_device_train_batch_size=4)))
+    distributed = expand_tensors(load_file(ddp_adapters / f"{method}-rank0.safetensors"))
     for key in [key for key in single if key.endswith("_indices")]:
         assert torch.equal(distributed[key], single[key]), key
 

@@ -45,7 +45,7 @@ def test_sharded_training_ends_with_the_adapter_of_one_process_with_the_global_b
     # a sharded weight takes the additive path; one process holds SNELL's delta in place, whose
     # rounding differs (x (W0 + E) vs x W0 + x E): measured 1.3e-6 on factors of ~0.13 after the 4 steps
     assert_same_adapter(sharded, expected, atol=5e-6 if method == "snell" else 1e-6)
-    if method.startswith("sparse") or method == "lift":
+    if method in ("sparse-ag", "sparse-ma", "sparse-id3", "lift"):  # HFT/SaRA freeze slots, RoSA fills its mask
         initial = expand_tensors(get_peft_model_state_dict(get_peft_model(make_tiny_llama(), METHODS[method]())))
         changed = [key for key in initial if key.endswith("_indices") and not torch.equal(initial[key], sharded[key])]
         assert changed, "no selection step changed an index"

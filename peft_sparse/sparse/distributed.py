@@ -88,11 +88,20 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of ``tensor``: a ``DTensor``'s local shard, else ``tensor`` itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def local_part(like: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """The part of ``full`` (the same on every rank) that this rank holds of ``like``: for a ``DTensor``,
+    its shard laid out as ``like``'s (no communication), else ``full`` itself."""
+    if isinstance(like, DTensor):
+        return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
+    return full
+
+
 @torch.no_grad()
 def assign_full_(tensor: torch.Tensor, full: torch.Tensor) -> None:
     """Copy ``full`` (the same on every rank) into ``tensor``; a ``DTensor`` keeps only its own shard (no communication)."""
-    if isinstance(tensor, DTensor):
-        shard = distribute_tensor(full, tensor.device_mesh, tensor.placements, src_data_rank=None)
-        tensor.to_local().copy_(shard.to_local())
-    else:
-        tensor.copy_(full)
+    local_tensor(tensor).copy_(local_part(tensor, full))

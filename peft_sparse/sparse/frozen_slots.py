@@ -4,7 +4,8 @@ A frozen slot keeps its index and its learned value (it still counts in the delt
 gradient in backward (so gradient clipping and optimizer moments see only trained slots) and its
 value is put back after every optimizer step (so momentum and weight decay cannot move it, whatever
 the optimizer). The rules that choose frozen slots are plain functions of a layer's weights or of a
-seed, so every DDP rank freezes the same slots.
+seed, so every DDP rank freezes the same slots. Under FSDP2 the values are a sharded ``DTensor``
+whose gradient arrives already reduce-scattered: each rank masks and restores its own shard.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import weakref
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
+from .distributed import full_tensor, local_part, local_tensor
 from .write_guard import on_optimizer_step
 
 
@@ -30,22 +33,33 @@ class FrozenSlots:
 
     def __init__(self, values: nn.Parameter, positions: torch.Tensor) -> None:
         self.values = values
-        self.positions = positions.to(device=values.device, dtype=torch.long)
-        self.frozen_values = values.detach()[self.positions].clone()
-        self.gradient_mask = torch.ones_like(values.detach())
+        whole = full_tensor(values.detach())  # under FSDP2: gathered (every rank freezes together)
+        self.positions = positions.to(device=whole.device, dtype=torch.long)
+        self.gradient_mask = torch.ones_like(whole)  # [k]: 0 at the frozen slots
         self.gradient_mask[self.positions] = 0
-        self._hook = values.register_hook(self.mask_gradient)
+        self._local_mask = local_part(values, self.gradient_mask)
+        self._local_frozen_values = local_part(values, whole.clone())
+        if isinstance(values, DTensor):  # FSDP2 fires only this hook on the sharded parameter, after its reduce-scatter
+            self._hook = values.register_post_accumulate_grad_hook(self._mask_local_gradient)
+        else:  # before accumulation: DDP then all-reduces the masked gradient
+            self._hook = values.register_hook(self.mask_gradient)
         _ACTIVE.add(self)
 
     def mask_gradient(self, grad: torch.Tensor) -> torch.Tensor:
-        """``grad`` [k] with zeros at the frozen slots."""
+        """``grad`` [k] (whole, not sharded) with zeros at the frozen slots."""
         return grad * self.gradient_mask.to(grad)
+
+    @torch.no_grad()
+    def _mask_local_gradient(self, values: torch.Tensor) -> None:
+        gradient = local_tensor(values.grad)
+        gradient.mul_(self._local_mask.to(gradient))
 
     @torch.no_grad()
     def put_back(self) -> None:
         """Write the frozen values back (after an optimizer step moved them)."""
         if self.positions.numel():
-            self.values.index_copy_(0, self.positions, self.frozen_values.to(self.values))
+            local = local_tensor(self.values.detach())
+            local.copy_(torch.where(self._local_mask.bool(), local, self._local_frozen_values.to(local)))
 
     def release(self) -> None:
         """Let the frozen slots train again from their current values."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ...sparse.distributed import gather_token_factors
 from ...sparse.indices import index_dtype_for
 from ...sparse.principal import low_rank_approximation
 
@@ -21,7 +22,8 @@ class AccumulatedGradientMask:
     diagonal Fisher); ``"mean"``: the sum of gradients, ranked by magnitude. Sums rank like RoSA's
     running means. Holds one fp32 matrix [rows, cols] while the window is open (the reference keeps
     the same, on the CPU). A statistics object of :meth:`SparseDeltaTuner.open_selection_window`:
-    averaged over DDP ranks before choosing, saved in checkpoints.
+    every DDP/FSDP rank accumulates the global batch's gradient (so averaging them before choosing
+    changes nothing), saved in checkpoints.
 
     Example:
         >>> mask = AccumulatedGradientMask((2, 3), "squared", torch.device("cpu"))
@@ -36,6 +38,9 @@ class AccumulatedGradientMask:
         self.observed = False
 
     def observe(self, left: torch.Tensor, right: torch.Tensor) -> None:
+        # under DDP/FSDP: the global batch's gradient from every rank's token factors (activation-sized), as
+        # the square of the mean of ranks' gradients is not the mean of their squares
+        left, right = gather_token_factors(left, right)
         gradient = left.float() @ right.float()  # [rows, cols]: the stored weight's gradient
         self.accumulated += gradient.square_() if self.statistic == "squared" else gradient
         self.observed = True

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ...quantization import dequantized_weight, quantization_of, weight_matrix_shape
+from ...sparse.distributed import assign_full_, full_tensor, local_part, local_tensor
 from ...sparse.frozen_slots import FrozenSlots, random_half, slots_above_threshold
 from ...sparse.incremental_unmasking import D3Growth, unmasked_count
 from ...sparse.indices import layer_seed, random_unique_indices
@@ -159,13 +160,15 @@ class SparseModel(SparseDeltaTuner):
         own = torch.isin(indices[masked], grown)  # chosen entries that a masked slot already holds
         elsewhere = grown[~torch.isin(grown, indices[masked])]
         freed = masked[~own][: elsewhere.numel()]
-        old_gradient = torch.zeros_like(values) if values.grad is None else values.grad
+        if values.grad is None:
+            values.grad = torch.zeros_like(values)  # a DTensor's is sharded like it
+        old_gradient = full_tensor(values.grad)  # under FSDP2: gathered, the same on every rank
         source_positions = layer.replace_indices(adapter_name, freed, elsewhere)
         if optimizer is not None:
             remap_optimizer_state(optimizer, values, source_positions)
         new_gradient = torch.where(source_positions >= 0, old_gradient[source_positions.clamp(min=0)], 0.0)
         new_gradient[torch.searchsorted(indices.long(), grown.long())] = gradient.to(new_gradient)
-        values.grad = new_gradient
+        assign_full_(values.grad, new_gradient)
         return torch.nonzero(torch.isin(source_positions, masked[~own][elsewhere.numel() :])).flatten()
 
     def add_nuclear_norm_gradient(self, adapter_name: str, step: int) -> None:
@@ -186,9 +189,9 @@ class SparseModel(SparseDeltaTuner):
         if frozen is not None:
             gradient = frozen.mask_gradient(gradient)
         if values.grad is None:
-            values.grad = gradient.to(values)
-        else:
-            values.grad.add_(gradient.to(values.grad))
+            values.grad = torch.zeros_like(values)  # a DTensor's is sharded like it
+        local_gradient = local_tensor(values.grad)  # under FSDP2: add this rank's part of the whole gradient
+        local_gradient.add_(local_part(values, gradient).to(local_gradient))
 
 
 def hft_frozen_positions(
@@ -213,7 +216,7 @@ def hft_frozen_positions(
 
 def sara_effective_slots(layer: SparseDeltaLayer, adapter_name: str) -> torch.Tensor:
     """Slots whose ``|W0 + delta|`` rose above the largest ``|W0|`` SaRA selected in this layer (its threshold)."""
-    values = layer.delta_values[adapter_name].detach().float()
+    values = full_tensor(layer.delta_values[adapter_name].detach()).float()
     effective = layer.effective_weight(adapter_name).view(-1)[layer.delta_indices[adapter_name].long()]
     threshold = (effective - values).abs().max().item()
     return slots_above_threshold(effective, threshold)
