@@ -35,7 +35,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
-from transformers import TrainerCallback
+from transformers import DataCollatorWithPadding, TrainerCallback
 
 from peft_sparse import LiftConfig, RosaConfig, S2ftConfig, SnellConfig, SoraConfig, SparseConfig
 from peft_sparse.sparse.lottery_ticket import LotteryTicket
@@ -141,13 +141,26 @@ def build_rosa(base: nn.Module, settings: dict):
 
 
 def build_s2ft(base: nn.Module, settings: dict):
-    """S2FT at LoRA rank r's count: random heads of each attention output and channels of each FFN output.
+    """S2FT at LoRA rank r's count: heads of each attention output and channels of each FFN output, chosen
+    by ``settings["selection"]`` (default random; "gradient" by ``s2ft_gradient_selection``).
 
     BERT names them ``attention.output.dense`` and ``output.dense``; the attention role is matched first.
     """
     config = S2ftConfig(lora_rank_budget=settings["r"], attention_output_modules=["attention.output.dense"],
-                        ffn_output_modules=["output.dense"], task_type=settings["task_type"])
+                        ffn_output_modules=["output.dense"], selection=settings.get("selection", "random"),
+                        task_type=settings["task_type"])  # fmt: skip
     return get_peft_model(base, config), []
+
+
+CALIBRATION_BATCHES = 8
+
+
+def s2ft_gradient_selection(model: nn.Module, tokenizer, train: list, settings: dict, seed: int) -> None:
+    """S2FT's gradient rule: score the columns on the first 8 batches of 32 training rows (eval mode, fresh head)."""
+    collate = DataCollatorWithPadding(tokenizer)
+    examples = sst2_task.encode(tokenizer, train[: CALIBRATION_BATCHES * 32])
+    model.eval()
+    model.base_model.select_by_gradient([collate(examples[i : i + 32]) for i in range(0, len(examples), 32)])
 
 
 def adapter_ranks(model: nn.Module) -> dict:
@@ -185,6 +198,9 @@ METHODS: dict[str, Method] = {
                      before_training=lt_sft_dense_phase),
     "rosa": Method(build_rosa, {"learning_rate": 3e-3}, [{"learning_rate": lr} for lr in (1e-3, 3e-3, 5e-3)]),
     "s2ft": Method(build_s2ft, {"learning_rate": 3e-3}, [{"learning_rate": lr} for lr in (1e-3, 3e-3, 5e-3)]),
+    "s2ft-gradient": Method(build_s2ft, {"learning_rate": 3e-3, "selection": "gradient"},
+                            [{"learning_rate": lr, "selection": "gradient"} for lr in (1e-3, 3e-3, 5e-3)],
+                            before_training=s2ft_gradient_selection),
     "snell": Method(build_snell, {"learning_rate": 5e-3, "sparsity": 0.9},
                     [{"learning_rate": lr, "sparsity": s} for lr in (2e-3, 5e-3, 1e-2) for s in (0.5, 0.9)]),
 }

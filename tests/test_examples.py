@@ -207,6 +207,17 @@ def test_lt_sft_quality_row_draws_its_adapter_from_a_dense_phase_on_sst2_rows(tm
         assert torch.count_nonzero(layer.delta_values["default"]) == 0, name  # the sparse phase starts from W0
 
 
+def test_s2ft_gradient_quality_row_chooses_its_slices_before_training(tmp_path):
+    base, tokenizer = sst2_task.load_classifier(str(save_tiny_encoder(tmp_path / "encoder")), seed=0)
+    model, _ = bench_quality.build_s2ft(base, {"r": 2, "task_type": "SEQ_CLS", "selection": "gradient"})
+    layers = dict(model.base_model.sparse_delta_layers())
+    placeholder = {name: layer.delta_indices["default"].clone() for name, layer in layers.items()}
+    rows = [(f"a {['good', 'bad'][i % 2]} film {i}", i % 2) for i in range(300)]
+    bench_quality.s2ft_gradient_selection(model, tokenizer, rows, {}, seed=0)
+    assert any(not torch.equal(layer.delta_indices["default"], placeholder[name]) for name, layer in layers.items())
+    sst2_task.train_classifier(model, tokenizer, rows[:64], 1e-3)  # trains: its selection was made
+
+
 def test_parse_settings_reads_numbers_booleans_and_names():
     pairs = ["xi_end=1.5", "xi_schedule=linear", "scale_xi_by_lr=False", "learning_rate=3e-3"]
     assert bench_quality.parse_settings(pairs) == {

@@ -108,6 +108,72 @@ def test_weight_norm_selects_the_heads_and_channels_with_the_largest_columns():
     assert block.mlp.down_proj.weight_slice("default").positions.tolist() == [5, 40]
 
 
+def calibration_batches() -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(11)
+    batches = [torch.randint(0, 64, (2, 10), generator=generator) for _ in range(3)]
+    return [{"input_ids": ids, "labels": ids} for ids in batches]
+
+
+def brute_force_column_scores(base: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """Sum over batches of each column's squared norm of the dense weight gradient, by plain autograd."""
+    weights = {name: base.get_submodule(name).weight for name in names}
+    base.requires_grad_(False)
+    for weight in weights.values():
+        weight.requires_grad_(True)
+    scores = {name: torch.zeros(weight.shape[1]) for name, weight in weights.items()}
+    for batch in calibration_batches():
+        base(**batch).loss.backward()
+        for name, weight in weights.items():
+            scores[name] += weight.grad.square().sum(0)
+            weight.grad = None
+    return scores
+
+
+def test_gradient_selection_keeps_the_heads_and_channels_with_the_largest_gradient_columns():
+    names = [f"model.layers.{i}.{module}" for i in range(2) for module in ("self_attn.o_proj", "mlp.down_proj")]
+    scores = brute_force_column_scores(make_tiny_llama(), names)
+    model = get_peft_model(make_tiny_llama(), S2ftConfig(num_heads=2, num_channels=5, selection="gradient", **COUPLED))
+    model.base_model.select_by_gradient(calibration_batches())
+
+    for name in names:
+        layer = model.base_model.model.get_submodule(name)
+        if name.endswith("o_proj"):  # 4 heads of 8 columns
+            heads = torch.topk(scores[name].view(4, 8).sum(1), 2).indices.sort().values
+            expected = (heads[:, None] * 8 + torch.arange(8)).flatten()
+        else:
+            expected = torch.topk(scores[name], 5).indices.sort().values
+        assert layer.weight_slice("default").positions.tolist() == expected.tolist(), name
+        if name.endswith("down_proj"):  # the block's up/gate rows follow its channels
+            mlp = model.base_model.model.get_submodule(name.rpartition(".")[0])
+            for coupled in (mlp.up_proj, mlp.gate_proj):
+                assert coupled.weight_slice("default").positions.tolist() == expected.tolist()
+    assert all(p.grad is None for p in model.parameters())  # the calibration leaves no gradient behind
+
+
+def test_gradient_selection_must_run_before_training_and_then_trains(input_ids, tmp_path):
+    model = get_peft_model(make_tiny_llama(), S2ftConfig(num_heads=1, num_channels=4, selection="gradient"))
+    model.eval()
+    model(input_ids=input_ids)  # inference needs no selection
+    model.train()
+    with pytest.raises(ValueError, match=r"selection='gradient' and no selection yet: call .*select_by_gradient"):
+        model(input_ids=input_ids, labels=input_ids)
+    model.base_model.select_by_gradient(calibration_batches())
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(input_ids=input_ids, labels=input_ids).loss.backward()
+    optimizer.step()
+    with pytest.raises(ValueError, match="select_by_gradient chooses before training: adapter 'default' has trained"):
+        model.base_model.select_by_gradient(calibration_batches())
+
+    expected = logits_of(model, input_ids)
+    model.save_pretrained(tmp_path / "saved")
+    loaded = PeftModel.from_pretrained(make_tiny_llama(), tmp_path / "saved", is_trainable=True)
+    torch.testing.assert_close(logits_of(loaded, input_ids), expected, rtol=0, atol=1e-6)
+    loaded.train()
+    loaded(input_ids=input_ids, labels=input_ids).loss.backward()  # its indices came with the checkpoint
+    with pytest.raises(ValueError, match="select_by_gradient needs S2ftConfig\\(selection='gradient'\\), got 'random'"):
+        get_peft_model(make_tiny_llama(), S2ftConfig(num_heads=1)).base_model.select_by_gradient([])
+
+
 def test_random_selection_follows_init_seed():
     def heads(seed):
         model = get_peft_model(make_tiny_llama(), S2ftConfig(num_heads=2, num_channels=4, init_seed=seed))
@@ -391,7 +457,7 @@ def test_generic_export_to_lora_takes_the_exact_s2ft_export(tmp_path, input_ids)
         (dict(num_heads=-1), "num_heads must be a non-negative integer, got -1"),
         (dict(num_channels="8"), "num_channels must be a non-negative integer, got '8'"),
         (dict(lora_rank_budget=0), "lora_rank_budget must be a positive integer, got 0"),
-        (dict(selection="gradient"), "selection must be one of \\('random', 'weight_norm'\\), got 'gradient'"),
+        (dict(selection="norm"), "selection must be one of \\('random', 'weight_norm', 'gradient'\\), got 'norm'"),
         (dict(head_dim=0), "head_dim must be a positive integer, got 0"),
         (dict(init_seed=-3), "init_seed must be a non-negative integer, got -3"),
         (dict(target_modules=["q_proj"]), "target_modules is set by S2ftConfig"),

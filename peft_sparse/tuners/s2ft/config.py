@@ -10,7 +10,7 @@ from peft.utils.peft_types import PeftType
 from ...config_base import check_choice, check_non_negative_int, check_positive_int
 from ...sparse.config import SparseDeltaConfig
 
-SELECTIONS = ("random", "weight_norm")
+SELECTIONS = ("random", "weight_norm", "gradient")
 
 
 def check_module_names(name: str, value) -> None:
@@ -80,8 +80,9 @@ class S2ftConfig(SparseDeltaConfig):
     selection: str = field(
         default="random",
         metadata={
-            "help": "'random' (the paper's default) or 'weight_norm' (the heads/channels whose columns of the "
-            "output module have the largest norm)."
+            "help": "'random' (the paper's default), 'weight_norm' (the heads/channels whose columns of the "
+            "output module have the largest norm) or 'gradient' (the largest columns of the weight gradient on "
+            "calibration batches: call model.base_model.select_by_gradient(batches) before training)."
         },
     )
     init_seed: int = field(default=42, metadata={"help": "Seed of the random selection (per block)."})

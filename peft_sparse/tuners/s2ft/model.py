@@ -13,6 +13,7 @@ from ...quantization import weight_matrix_shape
 from ...sparse.indices import layer_seed
 from ...sparse.layer import SUPPORTED_BASE_LAYERS
 from ...sparse.tuner import SparseDeltaTuner
+from .calibration import gradient_column_scores
 from .config import S2ftConfig
 from .layer import COLUMNS, ROWS, QuantizedS2ftLinear, S2ftLinear, SliceDelta, slice_indices, slice_of
 
@@ -58,6 +59,9 @@ class S2ftModel(SparseDeltaTuner):
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
         self._block_budgets: dict[str, BlockBudget] = {}
         self._adding_adapter = adapter_name  # the adapter _create_and_replace is injecting (for _initial_indices)
+        # selection="gradient": per adapter, the column scores of each output module once calibrated
+        self._gradient_scores: dict[str, dict[str, torch.Tensor]] = {}
+        self._awaiting_calibration: set[str] = set()
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
     # --- roles and shapes ---------------------------------------------------------------------
@@ -170,16 +174,18 @@ class S2ftModel(SparseDeltaTuner):
         if count > num_groups:
             noun = "num_heads" if group_size > 1 else "num_channels"
             raise ValueError(f"{noun} must be at most the {num_groups} of module '{module_name}', got {count}")
-        if config.selection == "random":
+        column_scores = self._gradient_scores.get(self._adding_adapter, {}).get(module_name)
+        if config.selection == "weight_norm":
+            weight = self._base_weight(module_name, self._base_of(module_name)).float()
+            if not isinstance(self._base_of(module_name), nn.Linear):
+                weight = weight.t()  # [out, in]
+            column_scores = weight.square().sum(0)
+        if column_scores is None:  # "random", or "gradient" before its calibration (a placeholder)
             # seeded by the block, so FFN input modules pick the channels of their output module
             generator = torch.Generator().manual_seed(layer_seed(config.init_seed, module_name))
             chosen = torch.randperm(num_groups, generator=generator)[:count]
         else:
-            weight = self._base_weight(module_name, self._base_of(module_name)).float()
-            if not isinstance(self._base_of(module_name), nn.Linear):
-                weight = weight.t()  # [out, in]
-            column_norms = weight.square().sum(0).view(num_groups, group_size).sum(1)
-            chosen = torch.topk(column_norms, count).indices
+            chosen = torch.topk(column_scores.cpu().view(num_groups, group_size).sum(1), count).indices
         return chosen.sort().values
 
     def _initial_indices(self, config: S2ftConfig, base_layer: nn.Module, count: int, module_name: str):
@@ -211,6 +217,51 @@ class S2ftModel(SparseDeltaTuner):
         if isinstance(base, SUPPORTED_BASE_LAYERS) and self._num_values(config, adapter_name, current_key, 0) == 0:
             return  # num_heads=0 or num_channels=0: this module has nothing to train
         super()._create_and_replace(config, adapter_name, target, target_name, parent, current_key, **kwargs)
+        # a checkpoint load brings its own indices (PeftSparseConfig.from_pretrained sets _awaits_checkpoint)
+        if config.selection == "gradient" and not (config.inference_mode or config.__dict__.get("_awaits_checkpoint")):
+            if not self._awaiting_calibration:  # on the wrapped model: PeftModel without a task type calls it directly
+                self.model.register_forward_pre_hook(self._refuse_training_before_selection)
+            self._awaiting_calibration.add(adapter_name)
+
+    # --- gradient selection -------------------------------------------------------------------
+
+    def select_by_gradient(self, batches, adapter_name: str = "default") -> None:
+        """Choose the heads/channels of ``selection="gradient"`` from a calibration pass over ``batches``.
+
+        ``batches``: model inputs with labels (e.g. a few batches of the Trainer's data loader). Each
+        output module keeps the heads/channels whose columns of the weight gradient have the largest
+        summed squared norm; FFN input modules follow their block's channels. Call it before training.
+
+        Example:
+            >>> model = get_peft_model(base, S2ftConfig(lora_rank_budget=16, selection="gradient"))  # doctest: +SKIP
+            >>> model.base_model.select_by_gradient(batch for _, batch in zip(range(8), loader))  # doctest: +SKIP
+        """
+        config = self.peft_config[adapter_name]
+        if config.selection != "gradient":
+            raise ValueError(f"select_by_gradient needs S2ftConfig(selection='gradient'), got {config.selection!r}")
+        layers = {name: layer for name, layer in self.sparse_delta_layers() if adapter_name in layer.delta_values}
+        if any(bool(layer.delta_values[adapter_name].detach().any()) for layer in layers.values()):
+            raise ValueError(f"select_by_gradient chooses before training: adapter '{adapter_name}' has trained values")
+        scored = {name: layer for name, layer in layers.items() if self._role(config, name) != "coupled"}
+        self._awaiting_calibration.discard(adapter_name)  # its own forwards train nothing
+        try:
+            self._gradient_scores[adapter_name] = gradient_column_scores(self.model, scored, batches)
+        except Exception:
+            self._awaiting_calibration.add(adapter_name)
+            raise
+        self._adding_adapter = adapter_name
+        for name, layer in layers.items():
+            count = layer.num_values(adapter_name)
+            chosen = self._initial_indices(config, layer.get_base_layer(), count, name)
+            layer.replace_indices(adapter_name, torch.arange(count), chosen.to(layer.delta_indices[adapter_name]))
+
+    def _refuse_training_before_selection(self, model: nn.Module, args: tuple) -> None:
+        waiting = sorted(self._awaiting_calibration & set(self.active_adapters))
+        if waiting and model.training and torch.is_grad_enabled():
+            raise ValueError(
+                f"S2FT adapter(s) {waiting} have selection='gradient' and no selection yet: call "
+                "model.base_model.select_by_gradient(batches) before training"
+            )
 
     # --- loading checks -----------------------------------------------------------------------
 
