@@ -164,13 +164,8 @@ def test_cpu_inference_repacking_is_refused_before_and_prevented_after_wrapping(
 # --- whole models --------------------------------------------------------------------------------
 
 
-def test_sft_on_4bit_trains_with_the_trainer_and_loss_falls(tiny_llama_dir, tmp_path):
-    config = SparseConfig(density=0.1, selection="ag", reselection_steps=3, selection_accumulation_steps=1)
-    model = get_peft_model(load_quantized(tiny_llama_dir, "nf4"), config)
-    layers = dict(model.base_model.sparse_delta_layers())
-    assert len(layers) == 14 and all(isinstance(layer, QuantizedSparseDeltaLinear) for layer in layers.values())
-    initial_indices = {name: layer.sparse_indices["default"].clone() for name, layer in layers.items()}
-    packed = {name: layer.get_base_layer().weight.data.clone() for name, layer in layers.items()}
+def held_out_losses_around_training(model: nn.Module, tmp_path, callback) -> tuple[float, float]:
+    """The loss on 8 repeating sequences before and after 6 Trainer steps (lr 0.05, constant) with ``callback``."""
     dataset = repeating_sequences()
     held_out = torch.tensor(dataset[:8]["input_ids"])
 
@@ -180,10 +175,20 @@ def test_sft_on_4bit_trains_with_the_trainer_and_loss_falls(tiny_llama_dir, tmp_
 
     initial_loss = held_out_loss()
     args = training_args(tmp_path, max_steps=6, logging_steps=3, lr_scheduler_type="constant", learning_rate=0.05)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[SparseUpdateCallback()])
-    trainer.train()
+    Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback]).train()
+    return initial_loss, held_out_loss()
 
-    assert held_out_loss() < initial_loss - 0.1  # from ~ln(64) = 4.16
+
+def test_sft_on_4bit_trains_with_the_trainer_and_loss_falls(tiny_llama_dir, tmp_path):
+    config = SparseConfig(density=0.1, selection="ag", reselection_steps=3, selection_accumulation_steps=1)
+    model = get_peft_model(load_quantized(tiny_llama_dir, "nf4"), config)
+    layers = dict(model.base_model.sparse_delta_layers())
+    assert len(layers) == 14 and all(isinstance(layer, QuantizedSparseDeltaLinear) for layer in layers.values())
+    initial_indices = {name: layer.sparse_indices["default"].clone() for name, layer in layers.items()}
+    packed = {name: layer.get_base_layer().weight.data.clone() for name, layer in layers.items()}
+    initial_loss, final_loss = held_out_losses_around_training(model, tmp_path, SparseUpdateCallback())
+
+    assert final_loss < initial_loss - 0.1  # from ~ln(64) = 4.16
     # selection steps (at steps 3 and 6) ran on the quantized path, AG observers in backward
     grown = sum(
         int((~torch.isin(layer.sparse_indices["default"], initial_indices[name])).sum())
@@ -306,18 +311,9 @@ def test_rosa_gradient_mask_is_chosen_and_trains_on_quantized_models(tiny_llama_
     assert len(layers) == 14 and all(isinstance(layer, QuantizedRosaLinear) for layer in layers.values())
     placeholder = {name: layer.rosa_indices["default"].clone() for name, layer in layers.items()}
     packed = {name: layer.get_base_layer().weight.data.clone() for name, layer in layers.items()}
-    dataset = repeating_sequences()
-    held_out = torch.tensor(dataset[:8]["input_ids"])
+    initial_loss, final_loss = held_out_losses_around_training(model, tmp_path, RosaCallback())
 
-    def held_out_loss() -> float:
-        with torch.no_grad():
-            return model(input_ids=held_out, labels=held_out).loss.item()
-
-    initial_loss = held_out_loss()
-    args = training_args(tmp_path, max_steps=6, logging_steps=3, lr_scheduler_type="constant", learning_rate=0.05)
-    Trainer(model=model, args=args, train_dataset=dataset, callbacks=[RosaCallback()]).train()
-
-    assert held_out_loss() < initial_loss  # slowly: the LoRA part starts at B = 0 (dense RoSA: 4.157 -> 4.151)
+    assert final_loss < initial_loss  # slowly: the LoRA part starts at B = 0 (dense RoSA: 4.157 -> 4.151)
     for name, layer in layers.items():
         assert not torch.equal(layer.rosa_indices["default"], placeholder[name]), name
         assert torch.count_nonzero(layer.rosa_values["default"]) > 0, name  # the sparse part trained after the mask
