@@ -255,6 +255,11 @@ class S2ftModel(SparseDeltaTuner):
             chosen = self._initial_indices(config, layer.get_base_layer(), count, name)
             layer.replace_indices(adapter_name, torch.arange(count), chosen.to(layer.delta_indices[adapter_name]))
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._awaiting_calibration.discard(adapter_name)
+        self._gradient_scores.pop(adapter_name, None)
+
     def _refuse_training_before_selection(self, model: nn.Module, args: tuple) -> None:
         waiting = sorted(self._awaiting_calibration & set(self.active_adapters))
         if waiting and model.training and torch.is_grad_enabled():
