@@ -221,6 +221,14 @@ SNELL_ROWS = [
     ),
 ]
 
+ROSA_RANDOM_ON_BOTH_LAYERS = {
+    "target_modules": ["lin0", "lin1"],
+    "r": 2,
+    "lora_alpha": 2,
+    "density": 0.25,
+    "mask_rule": "magnitude",
+    "init_weights": False,
+}
 ROSA_ROWS = [
     # mask_rule="gradient" (the default) holds the sparse part back until RosaCallback's mask step: those
     # rows test the LoRA part alone; "magnitude" (DSEE) rows have both parts from the start. Rows with
@@ -231,19 +239,7 @@ ROSA_ROWS = [
                                                "mask_rule": "magnitude"}),  # fmt: skip
     ("Vanilla MLP 3 ROSA", "MLP", RosaConfig, {"target_modules": ["lin1"], "r": 1, "density": 0.5,
                                                "mask_rule": "magnitude"}),  # fmt: skip
-    (
-        "Vanilla MLP 4 ROSA",
-        "MLP",
-        RosaConfig,
-        {
-            "target_modules": ["lin0", "lin1"],
-            "r": 2,
-            "lora_alpha": 2,
-            "density": 0.25,
-            "mask_rule": "magnitude",
-            "init_weights": False,
-        },
-    ),
+    ("Vanilla MLP 4 ROSA", "MLP", RosaConfig, ROSA_RANDOM_ON_BOTH_LAYERS),
     (
         "Vanilla MLP 5 ROSA",
         "MLP",
@@ -254,16 +250,7 @@ ROSA_ROWS = [
         "Vanilla MLP 6 ROSA additive dropout",
         "MLP",
         RosaConfig,
-        {
-            "target_modules": ["lin0", "lin1"],
-            "r": 2,
-            "lora_alpha": 2,
-            "density": 0.25,
-            "mask_rule": "magnitude",
-            "lora_dropout": 0.1,
-            "delta_in_place": False,
-            "init_weights": False,
-        },
+        {**ROSA_RANDOM_ON_BOTH_LAYERS, "lora_dropout": 0.1, "delta_in_place": False},
     ),
     (
         "Vanilla MLP 7 ROSA gradient mask pending",

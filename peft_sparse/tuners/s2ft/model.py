@@ -174,12 +174,13 @@ class S2ftModel(SparseDeltaTuner):
         if count > num_groups:
             noun = "num_heads" if group_size > 1 else "num_channels"
             raise ValueError(f"{noun} must be at most the {num_groups} of module '{module_name}', got {count}")
-        column_scores = self._gradient_scores.get(self._adding_adapter, {}).get(module_name)
         if config.selection == "weight_norm":
             weight = self._base_weight(module_name, self._base_of(module_name)).float()
             if not isinstance(self._base_of(module_name), nn.Linear):
                 weight = weight.t()  # [out, in]
             column_scores = weight.square().sum(0)
+        else:  # the calibrated scores of "gradient"; None for "random"
+            column_scores = self._gradient_scores.get(self._adding_adapter, {}).get(module_name)
         if column_scores is None:  # "random", or "gradient" before its calibration (a placeholder)
             # seeded by the block, so FFN input modules pick the channels of their output module
             generator = torch.Generator().manual_seed(layer_seed(config.init_seed, module_name))
