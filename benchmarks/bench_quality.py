@@ -67,6 +67,12 @@ def build_lora(base: nn.Module, settings: dict):
     return get_peft_model(base, config), []
 
 
+def build_full(base: nn.Module, settings: dict):
+    """Full fine-tuning: every weight of the encoder and the fresh head trains at ``learning_rate``."""
+    base.requires_grad_(True)
+    return base, []
+
+
 def build_sora(base: nn.Module, settings: dict):
     config = SoraConfig(
         r=settings["r"], alpha=settings["r"], target_modules="all-linear", task_type=settings["task_type"],
@@ -181,6 +187,7 @@ def adapter_ranks(model: nn.Module) -> dict:
 METHODS: dict[str, Method] = {
     "lora": Method(build_lora, {"learning_rate": 3e-3},
                    [{"learning_rate": lr} for lr in (5e-4, 1e-3, 2e-3, 3e-3, 5e-3)], adapter_ranks),
+    "full": Method(build_full, {"learning_rate": 1e-4}, [{"learning_rate": lr} for lr in (3e-5, 1e-4, 3e-4)]),
     # xi constant: the threshold gate_lr_t * xi follows the LR schedule, so ranks die early while the rest
     # can still adapt; xi 0.5 leaves ~60-70% of the ranks alive after the 125 steps here
     "sora": Method(build_sora,

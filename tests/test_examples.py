@@ -20,6 +20,7 @@ sys.path.insert(0, str(REPO / "examples"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 import arithmetic_task  # noqa: E402
 import bench_quality  # noqa: E402
+import quality_table  # noqa: E402
 import benchmark_metadata  # noqa: E402
 import dpo_sparse  # noqa: E402
 import lift_arithmetic_trl  # noqa: E402
@@ -207,6 +208,18 @@ def test_lt_sft_quality_row_draws_its_adapter_from_a_dense_phase_on_sst2_rows(tm
         assert torch.count_nonzero(layer.delta_values["default"]) == 0, name  # the sparse phase starts from W0
 
 
+def test_full_fine_tuning_quality_row_trains_every_weight(tmp_path):
+    base, tokenizer = sst2_task.load_classifier(str(save_tiny_encoder(tmp_path / "encoder")), seed=0)
+    base.bert.embeddings.requires_grad_(False)  # whatever the loader froze, full fine-tuning trains it
+    before = {name: p.detach().clone() for name, p in base.named_parameters()}
+    model, callbacks = bench_quality.build_full(base, {"r": 2, "task_type": "SEQ_CLS"})
+    assert callbacks == [] and bench_quality.trainable_parameters(model) == sum(p.numel() for p in before.values())
+    rows = [(f"a {['good', 'bad'][i % 2]} film {i}", i % 2) for i in range(64)]
+    sst2_task.train_classifier(model, tokenizer, rows, 1e-3)
+    moved = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
+    assert "bert.embeddings.word_embeddings.weight" in moved and "classifier.weight" in moved
+
+
 def test_s2ft_gradient_quality_row_chooses_its_slices_before_training(tmp_path):
     base, tokenizer = sst2_task.load_classifier(str(save_tiny_encoder(tmp_path / "encoder")), seed=0)
     model, _ = bench_quality.build_s2ft(base, {"r": 2, "task_type": "SEQ_CLS", "selection": "gradient"})
@@ -216,6 +229,31 @@ def test_s2ft_gradient_quality_row_chooses_its_slices_before_training(tmp_path):
     bench_quality.s2ft_gradient_selection(model, tokenizer, rows, {}, seed=0)
     assert any(not torch.equal(layer.delta_indices["default"], placeholder[name]) for name, layer in layers.items())
     sst2_task.train_classifier(model, tokenizer, rows[:64], 1e-3)  # trains: its selection was made
+
+
+def test_quality_table_picks_on_dev_pairs_by_seed_and_keeps_the_protocol_budget():
+    def sst2(lr, r, dev, seeds, accuracies):
+        return {"settings": {"r": r, "learning_rate": lr}, "dev_accuracy": dev, "seeds": seeds,
+                "accuracy_by_seed": accuracies}
+
+    def arithmetic(lr, steps, exact, rise):
+        settings = {"r": 16, "learning_rate": lr, "steps": steps, "batch_size": 16, "eval_problems": 128}
+        return {"settings": settings, "exact_match": exact, "general_loss_rise": rise}
+
+    rows = [
+        {"task": "classification", "method": "lora", "grid": [
+            sst2(1e-3, 8, 0.80, [0, 1], [0.80, 0.90]), sst2(3e-3, 8, 0.85, [0, 1, 2], [0.84, 0.86, 0.85]),
+            sst2(2e-3, 16, 0.99, [0], [0.99])]},  # another budget: not LoRA r=8's point
+        {"task": "classification", "method": "sft", "grid": [sst2(3e-3, 8, 0.83, [0, 1], [0.86, 0.88])]},
+        {"task": "arithmetic", "method": "sft", "grid": [
+            arithmetic(5e-4, 80, 0.25, 0.01), arithmetic(1e-3, 80, 0.30, 0.1), arithmetic(1e-3, 40, 0.9, 0.0)]},
+    ]
+    lines = quality_table.markdown_table(rows).splitlines()
+    assert lines[2] == "| LoRA (peft) | 3e-3 of 1e-3 / 3e-3 | 85.00% ± 0.58 (3) | - | - | - | - |"
+    # SFT - LoRA on seeds 0 and 1: +2 and +2 points
+    assert lines[3] == '| SFT "ag" | 3e-3 only | 87.00% ± 1.00 (2) | +2.00 (0.00) | 1e-3 of 5e-4 / 1e-3 | 30.00% | +0.100 |'
+    assert len(lines) == 4  # methods without a point have no row
+    assert quality_table.learning_rate_text(2.5e-4) == "2.5e-4" and quality_table.learning_rate_text(0.003) == "3e-3"
 
 
 def test_parse_settings_reads_numbers_booleans_and_names():
