@@ -95,3 +95,5 @@ def main(out_dir: str, methods: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2:])
+    if torch.distributed.is_initialized():  # stop gloo's threads before exit: left running, they abort it now and then
+        torch.distributed.destroy_process_group()
