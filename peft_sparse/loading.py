@@ -126,6 +126,9 @@ class AllOrNothingTuner(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         if "." in adapter_name:  # checked first: a failed injection could not be undone by name
             raise KeyError(f'adapter_name must not contain "." (it becomes a parameter name), got {adapter_name!r}')
+        from .quantization import keep_trainable_layouts  # here: quantization imports the layers, which import this
+
+        keep_trainable_layouts(model)
         snapshot = ModelSnapshot(model)
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)

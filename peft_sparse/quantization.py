@@ -54,6 +54,17 @@ def keep_trainable_layout(layer: nn.Module) -> None:
     layer.support_avx512bf16_for_cpu = False
 
 
+def keep_trainable_layouts(model: nn.Module) -> None:
+    """:func:`keep_trainable_layout` for every 4-bit layer of ``model``, adapted or not.
+
+    A layer the adapter skips is on the gradient's path to the adapters before it: repacked by an
+    evaluation in the middle of training, it would pass them no gradient. Its CPU inference takes the
+    generic kernel instead.
+    """
+    for module in model.modules():
+        keep_trainable_layout(module)
+
+
 def delta_dtype(layer: nn.Module) -> torch.dtype:
     """The dtype of a dense delta for this layer: the weight's own, or fp32 for a quantized weight."""
     return torch.float32 if quantization_of(layer) is not None else layer.weight.dtype

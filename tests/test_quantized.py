@@ -163,6 +163,28 @@ def test_cpu_inference_repacking_is_refused_before_and_prevented_after_wrapping(
 
 # --- whole models --------------------------------------------------------------------------------
 
+def four_bit_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: module for name, module in model.named_modules() if type(module).__name__ == "Linear4bit"}
+
+
+def test_every_4bit_layer_keeps_its_trainable_layout_whether_adapted_or_not(tiny_llama_dir):
+    """An evaluation mid-training must not repack the layers the adapter skips: the adapters before
+    them get their gradients through them."""
+    model = get_peft_model(load_quantized(tiny_llama_dir), SparseConfig(density=0.1, target_modules=["o_proj"]))
+    layers = four_bit_layers(model)
+    assert len(layers) > len(list(model.base_model.sparse_delta_layers())) > 0  # the skipped q/k/v and MLP layers too
+    assert all(layer.support_avx512bf16_for_cpu is False for layer in layers.values())
+
+
+def test_a_repacked_layer_the_adapter_skips_is_refused_before_injection(tiny_llama_dir):
+    base = load_quantized(tiny_llama_dir)
+    skipped = base.model.layers[0].self_attn.q_proj
+    skipped.weight.quant_state.packing_format_for_cpu = True  # as an eval forward leaves it on an AVX512-BF16 CPU
+    with pytest.raises(ValueError, match="was repacked by bitsandbytes for CPU inference"):
+        get_peft_model(base, SparseConfig(density=0.1, target_modules=["o_proj"]))
+    assert not any("sparse" in name for name, _ in base.named_parameters())
+
+
 
 def held_out_losses_around_training(model: nn.Module, tmp_path, callback) -> tuple[float, float]:
     """The loss on 8 repeating sequences before and after 6 Trainer steps (lr 0.05, constant) with ``callback``."""
