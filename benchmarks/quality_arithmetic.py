@@ -65,7 +65,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--eval-problems", type=int, default=128)
     parser.add_argument("--model", default=None, help="causal LM id or path (default: embedded SmolLM2-135M)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="training problems, adapter init and held-out problems (each seed is its own grid point)")
     parser.add_argument("--dtype", default="float32", choices=tuple(DTYPE_NAMES),
                         help="dtype of the base model's weights (trainable values stay fp32)")
     parser.add_argument("--exact-delta", action="store_true",
@@ -79,7 +80,7 @@ def main() -> None:
     rows = []
     for method, multiplier in [(m, x) for m in args.methods.split(",") for x in args.lr_multipliers]:
         settings = {"r": args.r, "learning_rate": DEFAULT_LEARNING_RATES[method] * multiplier, "steps": args.steps,
-                    "batch_size": args.batch_size, "eval_problems": args.eval_problems}
+                    "batch_size": args.batch_size, "eval_problems": args.eval_problems, "seed": args.seed}
         name = row_method(method, args.dtype, args.exact_delta)
         if name != method:
             settings |= {"dtype": args.dtype, "delta_in_place": not args.exact_delta}

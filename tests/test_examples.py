@@ -236,8 +236,8 @@ def test_quality_table_picks_on_dev_pairs_by_seed_and_keeps_the_protocol_budget(
         return {"settings": {"r": r, "learning_rate": lr}, "dev_accuracy": dev, "seeds": seeds,
                 "accuracy_by_seed": accuracies}
 
-    def arithmetic(lr, steps, exact, rise):
-        settings = {"r": 16, "learning_rate": lr, "steps": steps, "batch_size": 16, "eval_problems": 128}
+    def arithmetic(lr, steps, exact, rise, seed=0):
+        settings = {"r": 16, "learning_rate": lr, "steps": steps, "batch_size": 16, "eval_problems": 128, "seed": seed}
         return {"settings": settings, "exact_match": exact, "general_loss_rise": rise}
 
     rows = [
@@ -247,12 +247,15 @@ def test_quality_table_picks_on_dev_pairs_by_seed_and_keeps_the_protocol_budget(
         {"task": "classification", "method": "sft", "grid": [sst2(3e-3, 8, 0.83, [0, 1], [0.86, 0.88])]},
         {"task": "arithmetic", "method": "sft", "grid": [
             arithmetic(5e-4, 80, 0.25, 0.01), arithmetic(1e-3, 80, 0.30, 0.1), arithmetic(1e-3, 40, 0.9, 0.0)]},
+        {"task": "arithmetic", "method": "lift", "grid": [  # seeds 0 and 1 at 1e-3 average above 5e-4's one seed
+            arithmetic(5e-4, 80, 0.30, 0.0), arithmetic(1e-3, 80, 0.25, 0.1), arithmetic(1e-3, 80, 0.45, 0.3, seed=1)]},
     ]
     lines = quality_table.markdown_table(rows).splitlines()
     assert lines[2] == "| LoRA (peft) | 3e-3 of 1e-3 / 3e-3 | 85.00% ± 0.58 (3) | - | - | - | - |"
     # SFT - LoRA on seeds 0 and 1: +2 and +2 points
     assert lines[3] == '| SFT "ag" | 3e-3 only | 87.00% ± 1.00 (2) | +2.00 (0.00) | 1e-3 of 5e-4 / 1e-3 | 30.00% | +0.100 |'
-    assert len(lines) == 4  # methods without a point have no row
+    assert lines[4] == "| LIFT | - | - | - | 1e-3 of 5e-4 / 1e-3 | 35.00% ± 10.00 (2) | +0.200 ± 0.100 |"
+    assert len(lines) == 5  # methods without a point have no row
     assert quality_table.learning_rate_text(2.5e-4) == "2.5e-4" and quality_table.learning_rate_text(0.003) == "3e-3"
 
 
