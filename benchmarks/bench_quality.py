@@ -184,10 +184,18 @@ def adapter_ranks(model: nn.Module) -> dict:
     return {"live_rank": live, "live_rank_fraction": live / start, "low_rank_params_after": params}
 
 
+def rates(*learning_rates: float) -> list[dict]:
+    return [{"learning_rate": learning_rate} for learning_rate in learning_rates]
+
+
+# The grid of every sparse method; where the dev pick fell on an edge, the next rate past it was added
+# (SFT and RoSA down to 5e-4, SaRA up to 1e-2, HFT to 1e-2 and then 2e-2), as for full fine-tuning (1e-3).
+SPARSE_RATES = (1e-3, 3e-3, 5e-3)
+
 METHODS: dict[str, Method] = {
     "lora": Method(build_lora, {"learning_rate": 3e-3},
                    [{"learning_rate": lr} for lr in (5e-4, 1e-3, 2e-3, 3e-3, 5e-3)], adapter_ranks),
-    "full": Method(build_full, {"learning_rate": 1e-4}, [{"learning_rate": lr} for lr in (3e-5, 1e-4, 3e-4)]),
+    "full": Method(build_full, {"learning_rate": 1e-4}, rates(3e-5, 1e-4, 3e-4, 1e-3)),
     # xi constant: the threshold gate_lr_t * xi follows the LR schedule, so ranks die early while the rest
     # can still adapt; xi 0.5 leaves ~60-70% of the ranks alive after the 125 steps here
     "sora": Method(build_sora,
@@ -195,18 +203,19 @@ METHODS: dict[str, Method] = {
                    [{"learning_rate": lr, "gate_lr": 5e-2, "xi_schedule": "constant", "xi_start": xi, "xi_end": xi}
                     for lr in (2e-3, 3e-3, 5e-3) for xi in (0.3, 0.5)],
                    adapter_ranks),
-    "sft": Method(build_sft, {"learning_rate": 3e-3}, [{"learning_rate": lr} for lr in (1e-3, 3e-3, 5e-3)]),
-    "lift": Method(build_lift, {"learning_rate": 3e-3}, [{"learning_rate": lr} for lr in (1e-3, 3e-3, 5e-3)]),
-    **{rule: Method(partial(build_selection_rule, rule), {"learning_rate": 3e-3},
-                    [{"learning_rate": lr} for lr in (1e-3, 3e-3, 5e-3)]) for rule in ("sara", "hft", "id3")},
+    "sft": Method(build_sft, {"learning_rate": 3e-3}, rates(5e-4, *SPARSE_RATES)),
+    "lift": Method(build_lift, {"learning_rate": 3e-3}, rates(*SPARSE_RATES)),
+    "sara": Method(partial(build_selection_rule, "sara"), {"learning_rate": 3e-3}, rates(*SPARSE_RATES, 1e-2)),
+    "hft": Method(partial(build_selection_rule, "hft"), {"learning_rate": 3e-3}, rates(*SPARSE_RATES, 1e-2, 2e-2)),
+    "id3": Method(partial(build_selection_rule, "id3"), {"learning_rate": 3e-3}, rates(*SPARSE_RATES)),
     # dense phase: the same epoch as the sparse phase (the paper's equal phases), at a full fine-tuning rate
     "lt-sft": Method(build_lt_sft, {"learning_rate": 3e-3, "dense_learning_rate": 1e-4},
-                     [{"learning_rate": lr, "dense_learning_rate": 1e-4} for lr in (1e-3, 3e-3, 5e-3)],
+                     [{"learning_rate": lr, "dense_learning_rate": 1e-4} for lr in SPARSE_RATES],
                      before_training=lt_sft_dense_phase),
-    "rosa": Method(build_rosa, {"learning_rate": 3e-3}, [{"learning_rate": lr} for lr in (1e-3, 3e-3, 5e-3)]),
-    "s2ft": Method(build_s2ft, {"learning_rate": 3e-3}, [{"learning_rate": lr} for lr in (1e-3, 3e-3, 5e-3)]),
+    "rosa": Method(build_rosa, {"learning_rate": 3e-3}, rates(5e-4, *SPARSE_RATES)),
+    "s2ft": Method(build_s2ft, {"learning_rate": 3e-3}, rates(*SPARSE_RATES)),
     "s2ft-gradient": Method(build_s2ft, {"learning_rate": 3e-3, "selection": "gradient"},
-                            [{"learning_rate": lr, "selection": "gradient"} for lr in (1e-3, 3e-3, 5e-3)],
+                            [{"learning_rate": lr, "selection": "gradient"} for lr in SPARSE_RATES],
                             before_training=s2ft_gradient_selection),
     "snell": Method(build_snell, {"learning_rate": 5e-3, "sparsity": 0.9},
                     [{"learning_rate": lr, "sparsity": s} for lr in (2e-3, 5e-3, 1e-2) for s in (0.5, 0.9)]),
