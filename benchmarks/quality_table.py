@@ -52,14 +52,14 @@ def mean_and_standard_error(values: list[float]) -> tuple[float, Optional[float]
     return mean, math.sqrt(variance / len(values))
 
 
-def paired_difference(point: dict, reference: dict) -> tuple[float, Optional[float], int]:
-    """Mean accuracy difference ``point - reference`` over the seeds both ran, its standard error, and their number."""
+def paired_difference(point: dict, reference: dict) -> tuple[float, Optional[float]]:
+    """Mean accuracy difference ``point - reference`` over the seeds both ran, and its standard error."""
     by_seed = dict(zip(reference["seeds"], reference["accuracy_by_seed"]))
     differences = [accuracy - by_seed[seed] for seed, accuracy in zip(point["seeds"], point["accuracy_by_seed"])
                    if seed in by_seed]
     if not differences:
-        return math.nan, None, 0
-    return (*mean_and_standard_error(differences), len(differences))
+        return math.nan, None
+    return mean_and_standard_error(differences)
 
 
 def learning_rate_text(learning_rate: float) -> str:
@@ -90,7 +90,7 @@ def classification_cells(rows: list[dict], method: str, lora: Optional[dict]) ->
     accuracy = f"{mean:.2f}%" + ("" if error is None else f" ± {error:.2f}") + f" ({len(picked['seeds'])})"
     if method == "lora" or lora is None:
         return [picked_text(points, picked), accuracy, "-"]
-    difference, difference_error, _ = paired_difference(picked, lora)
+    difference, difference_error = paired_difference(picked, lora)
     return [picked_text(points, picked), accuracy, points_text(100 * difference, None if difference_error is None
                                                                else 100 * difference_error)]
 
@@ -104,7 +104,7 @@ def arithmetic_cells(rows: list[dict], method: str) -> list[str]:
     by_rate: dict[float, list[dict]] = {}
     for point in points:
         by_rate.setdefault(point["settings"]["learning_rate"], []).append(point)
-    rate, runs = max(by_rate.items(), key=lambda item: mean_and_standard_error([p["exact_match"] for p in item[1]])[0])
+    runs = max(by_rate.values(), key=lambda runs: sum(run["exact_match"] for run in runs) / len(runs))
     exact, exact_error = mean_and_standard_error([100 * run["exact_match"] for run in runs])
     rise, rise_error = mean_and_standard_error([run["general_loss_rise"] for run in runs])
     if exact_error is None:

@@ -39,6 +39,8 @@ def test_cached_checkpoint_loads_in_4bit_with_bitsandbytes(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from peft_sparse.quantization import keep_trainable_layouts
+
     save_cached_checkpoint(tmp_path)
     input_ids = torch.arange(3, 40).reshape(1, -1)
     dense = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
@@ -46,9 +48,7 @@ def test_cached_checkpoint_loads_in_4bit_with_bitsandbytes(tmp_path):
         tmp_path, quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
     ).eval()
     assert type(quantized.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
-    for module in quantized.modules():  # bitsandbytes' AVX512-BF16 repack fails on rows narrower than a block (64)
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    keep_trainable_layouts(quantized)  # bitsandbytes' AVX512-BF16 repack fails on rows narrower than a block (64)
     for name, module in quantized.named_modules():  # the dense model with the 4-bit weights, dequantized
         if type(module).__name__ == "Linear4bit":
             weight = bitsandbytes.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
